@@ -1,0 +1,5 @@
+import sys
+
+from crop_accel.cli import main
+
+sys.exit(main())

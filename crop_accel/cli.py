@@ -1,0 +1,70 @@
+"""The ``crop-accel`` command line: ``train`` now, further subcommands beside it.
+
+``launch/train.py`` calls ``main`` too, so ``accelerate launch launch/train.py ...``,
+``python launch/train.py ...`` and ``crop-accel train ...`` accept the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from crop_accel.model import ModelError
+from crop_accel.options import add_train_arguments
+from crop_accel.scan import DataError
+
+SUBCOMMANDS = ("train",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crop-accel",
+        description="Fine-tune an ImageNet-pretrained timm CNN on a folder of crop photos.",
+    )
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = subcommands.add_parser(
+        "train",
+        help="Fine-tune a model on an ImageFolder.",
+        description="Fine-tune a timm model with discriminative learning rates; "
+        "start it with `accelerate launch` for several processes or mixed precision.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(handler=_run_train)
+    return parser
+
+
+def _run_train(args, console: Console) -> int:
+    from crop_accel.train import run_training
+
+    run_training(args, console)
+    return 0
+
+
+def main(argv: list[str] | None = None, default_command: str | None = None) -> int:
+    """Parse ``argv`` and run the subcommand; return the process exit code.
+
+    With ``default_command``, arguments that do not start with a subcommand name run
+    that subcommand, so ``launch/train.py --data-dir X`` means ``train --data-dir X``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if default_command and (not argv or argv[0] not in SUBCOMMANDS):
+        argv = [default_command, *argv]
+
+    args = build_parser().parse_args(argv)
+    # A job log is not a terminal, and rich would wrap it at 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    try:
+        return args.handler(args, console)
+    except (DataError, ModelError, ValueError) as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Train/validation split, the image dataset and timm's transforms for the chosen model."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm.data
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from crop_accel.images import load_rgb
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """Indices into the scanned samples, and each sample's duplicate group."""
+
+    train: list[int]
+    val: list[int]
+    groups: list[str]
+
+
+def split_train_val(
+    labels: list[int],
+    val_fraction: float,
+    seed: int,
+    groups: list[str] | None = None,
+) -> Split:
+    """Split samples per class into train and validation, keeping each group on one side.
+
+    Per class, the groups are shuffled with ``seed`` and moved to validation until it
+    holds round(class size x val_fraction) images, at least one. A group never
+    straddles the split, so copies of one photo cannot leak into validation. The last
+    group of a class always stays in train. A class that is a single group therefore
+    has no validation images, and a warning names it. A group whose images carry
+    several labels is assigned by its first sample's class.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if groups is None:
+        groups = [str(i) for i in range(len(labels))]
+
+    members: dict[str, list[int]] = defaultdict(list)
+    group_label: dict[str, int] = {}
+    for index, (label, group) in enumerate(zip(labels, groups)):
+        members[group].append(index)
+        group_label.setdefault(group, label)
+
+    groups_by_class: dict[int, list[str]] = defaultdict(list)
+    for group in sorted(members):
+        groups_by_class[group_label[group]].append(group)
+
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(groups_by_class):
+        class_groups = groups_by_class[label]
+        rng.shuffle(class_groups)
+        class_size = sum(len(members[g]) for g in class_groups)
+        target = max(1, round(class_size * val_fraction))
+
+        taken = 0
+        for position, group in enumerate(class_groups):
+            is_last = position == len(class_groups) - 1
+            if taken < target and not is_last:
+                val.extend(members[group])
+                taken += len(members[group])
+            else:
+                train.extend(members[group])
+        if taken == 0:
+            logger.warning("Class %d has a single duplicate group; all its images are in train", label)
+
+    return Split(train=sorted(train), val=sorted(val), groups=list(groups))
+
+
+def write_split_csv(path: Path, samples: list[tuple[str, int]], classes: list[str], split: Split) -> None:
+    """Write one row per image: path, class, subset and duplicate group."""
+    subset = {index: "train" for index in split.train}
+    subset.update({index: "val" for index in split.val})
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "class", "label", "subset", "group"])
+        for index, (relative, label) in enumerate(samples):
+            writer.writerow([relative, classes[label], label, subset.get(index, "unused"), split.groups[index]])
+
+
+class ImageFolderDataset(Dataset):
+    """Images listed as (path relative to root, label); items are (tensor, label, index).
+
+    The index lets evaluation map gathered predictions back to file paths.
+    """
+
+    def __init__(self, root: str | Path, samples: list[tuple[str, int]], transform):
+        self.root = Path(root)
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        relative, label = self.samples[index]
+        image = load_rgb(self.root / relative)
+        return self.transform(image), label, index
+
+
+def resolve_data_config(model: torch.nn.Module, image_size: int | None) -> dict:
+    """Return timm's data config for ``model``, with ``image_size`` overriding its input size."""
+    config = timm.data.resolve_model_data_config(model)
+    if image_size is not None:
+        config["input_size"] = (3, image_size, image_size)
+    return config
+
+
+def build_transforms(data_config: dict):
+    """Return (train, eval) transforms from timm's factory.
+
+    Train: random resized crop and horizontal flip, with timm's colour jitter off.
+    Eval: resize by crop_pct, then center crop.
+    """
+    train = timm.data.create_transform(**data_config, is_training=True, color_jitter=None)
+    evaluation = timm.data.create_transform(**data_config, is_training=False)
+    return train, evaluation
+
+
+def default_num_workers() -> int:
+    """Return the CPU cores this process may use, minus one for the training loop, up to 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int) -> DataLoader:
+    """Build a DataLoader; training drops the last partial batch to keep BatchNorm stable."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        generator=generator,
+    )
