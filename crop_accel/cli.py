@@ -11,6 +11,7 @@ import sys
 
 from rich.console import Console
 
+from crop_accel.checkpoints import CheckpointError
 from crop_accel.model import ModelError
 from crop_accel.options import add_train_arguments
 from crop_accel.scan import DataError
@@ -39,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_train(args, console: Console) -> int:
     from crop_accel.train import run_training
 
-    run_training(args, console)
-    return 0
+    return run_training(args, console)
 
 
 def main(argv: list[str] | None = None, default_command: str | None = None) -> int:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None, default_command: str | None = None) -> i
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
         return args.handler(args, console)
-    except (DataError, ModelError, ValueError) as error:
+    except (DataError, ModelError, CheckpointError, ValueError) as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False)
         return 2
     except KeyboardInterrupt:

@@ -38,7 +38,7 @@ def setup_logging(console: Console, is_main_process: bool, verbose: bool = False
         handler = logging.StreamHandler(console.file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logging.basicConfig(level=level, handlers=[handler], force=True)
-    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "timm"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "timm", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -77,15 +77,18 @@ class TrainingProgress:
         if self._progress is not None:
             self._progress.stop()
 
-    def start_epoch(self, epoch: int, description: str = "train") -> None:
+    def start_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Start the bar of ``epoch``; ``first_batch`` > 0 when resuming inside it."""
         self._reset_epoch_counters()
         self._epoch = epoch
+        self._first_batch = first_batch
         if self._progress is not None:
             if self._batch_task is not None:
                 self._progress.remove_task(self._batch_task)
             self._batch_task = self._progress.add_task(
-                f"epoch {epoch}/{self.epochs} {description}", total=self.steps_per_epoch, stats=""
+                f"epoch {epoch}/{self.epochs}", total=self.steps_per_epoch, completed=first_batch, stats=""
             )
+            self._progress.update(self._epoch_task, completed=epoch - 1)
 
     def update_batch(self, batch_index: int, loss: float, accuracy: float, images: int) -> None:
         """Record one batch of the main process's shard; figures are per process."""
@@ -104,7 +107,7 @@ class TrainingProgress:
         step = batch_index + 1
         every = max(1, self.steps_per_epoch // 10)
         if step % every == 0 or step == self.steps_per_epoch:
-            remaining = (self.steps_per_epoch - step) * elapsed / step
+            remaining = (self.steps_per_epoch - step) * elapsed / max(1, step - self._first_batch)
             logger.info(
                 "epoch %d/%d step %d/%d %s, epoch ETA %.0fs",
                 self._epoch, self.epochs, step, self.steps_per_epoch, stats, remaining,
@@ -118,6 +121,7 @@ class TrainingProgress:
 
     def _reset_epoch_counters(self) -> None:
         self._epoch = 0
+        self._first_batch = 0
         self._epoch_start = time.perf_counter()
         self._loss_sum = 0.0
         self._correct = 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import multiprocessing
 import os
 import random
 from collections import defaultdict
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crop_accel.images import load_rgb
+from crop_accel.scan import ScanResult
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +96,23 @@ def write_split_csv(path: Path, samples: list[tuple[str, int]], classes: list[st
 class ImageFolderDataset(Dataset):
     """Images listed as (path relative to root, label); items are (tensor, label, index).
 
-    The index lets evaluation map gathered predictions back to file paths.
+    The index lets evaluation map gathered predictions back to file paths. With
+    ``seed``, the random augmentation of an image depends only on (seed, epoch, index),
+    not on which worker loads it or when. A resumed run therefore sees the same
+    augmented batches as an uninterrupted one, whatever the number of workers.
     """
 
-    def __init__(self, root: str | Path, samples: list[tuple[str, int]], transform):
+    def __init__(self, root: str | Path, samples: list[tuple[str, int]], transform, seed: int | None = None):
         self.root = Path(root)
         self.samples = samples
         self.transform = transform
+        self.seed = seed
+        # Shared memory, so persistent worker processes see the epoch set by the main process.
+        self._epoch = multiprocessing.Value("l", 0, lock=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch used for augmentation seeds; accelerate's loader calls this."""
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -108,7 +120,21 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int):
         relative, label = self.samples[index]
         image = load_rgb(self.root / relative)
-        return self.transform(image), label, index
+        if self.seed is None:
+            return self.transform(image), label, index
+        return self._seeded_transform(image, index), label, index
+
+    def _seeded_transform(self, image, index: int):
+        # timm's transforms draw from Python's random module and torchvision's from torch.
+        # Both are reseeded for this sample, then restored so the caller's streams go on.
+        sample_seed = (self.seed * 1_000_003 + self._epoch.value * 100_003 + index) % (2**63)
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(sample_seed)
+            torch.manual_seed(sample_seed)
+            tensor = self.transform(image)
+        random.setstate(python_state)
+        return tensor
 
 
 def resolve_data_config(model: torch.nn.Module, image_size: int | None) -> dict:
@@ -139,10 +165,11 @@ def default_num_workers() -> int:
     return max(0, min(8, cores - 1))
 
 
-def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int) -> DataLoader:
-    """Build a DataLoader; training drops the last partial batch to keep BatchNorm stable."""
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int) -> DataLoader:
+    """Build a DataLoader; training drops the last partial batch to keep BatchNorm stable.
+
+    The shuffled order comes from accelerate's seedable sampler after ``prepare``.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -151,5 +178,28 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
-        generator=generator,
     )
+
+
+@dataclass
+class TrainingData:
+    """The scanned folder, its split and the two datasets built from it."""
+
+    scan: ScanResult
+    split: Split
+    train_set: ImageFolderDataset
+    val_set: ImageFolderDataset
+
+
+def build_training_data(scan: ScanResult, data_config: dict, val_fraction: float, seed: int, group_duplicates: bool) -> TrainingData:
+    """Split the scanned images, keeping duplicate groups together, and build both datasets."""
+    labels = [label for _, label in scan.samples]
+    groups = None
+    if group_duplicates and getattr(scan, "groups", None):
+        groups = [scan.groups[path] for path, _ in scan.samples]
+    split = split_train_val(labels, val_fraction, seed, groups)
+
+    train_transform, eval_transform = build_transforms(data_config)
+    train_set = ImageFolderDataset(scan.data_dir, [scan.samples[i] for i in split.train], train_transform, seed)
+    val_set = ImageFolderDataset(scan.data_dir, [scan.samples[i] for i in split.val], eval_transform)
+    return TrainingData(scan=scan, split=split, train_set=train_set, val_set=val_set)

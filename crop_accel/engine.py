@@ -20,6 +20,8 @@ class EpochStats:
     accuracy: float
     images: int
     seconds: float
+    batches: int
+    stopped: bool = False
 
     @property
     def images_per_second(self) -> float:
@@ -40,6 +42,8 @@ class EvalOutput:
 
 # Called after every batch with (batch index, batch loss, batch accuracy, images in batch).
 BatchCallback = Callable[[int, float, float, int], None]
+# Called after every batch; True ends the epoch early, e.g. on a stop signal.
+StopCheck = Callable[[], bool]
 
 
 def train_one_epoch(
@@ -50,16 +54,23 @@ def train_one_epoch(
     scheduler,
     max_grad_norm: float | None = None,
     on_batch: BatchCallback | None = None,
+    should_stop: StopCheck | None = None,
+    first_batch: int = 0,
 ) -> EpochStats:
-    """Run one pass over ``loader`` with gradient accumulation and optional clipping."""
+    """Run one pass over ``loader`` with gradient accumulation and optional clipping.
+
+    ``first_batch`` is the index of the loader's first batch within the epoch, for a
+    loader that skips the batches trained before a resume.
+    """
     model.train()
     device = accelerator.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
+    batches, stopped = 0, False
 
-    for batch_index, (images, targets, _) in enumerate(loader):
+    for batch_index, (images, targets, _) in enumerate(loader, start=first_batch):
         # accumulate() skips the DDP gradient all-reduce (no_sync) on the micro-batches
         # that do not end an accumulation window, and tells the optimizer when to step.
         # prepare() already wraps the model's forward in autocast for mixed precision.
@@ -80,8 +91,13 @@ def train_one_epoch(
         loss_sum += loss.detach().double() * batch_size
         correct += batch_correct
         seen += batch_size
+        batches += 1
         if on_batch is not None:
             on_batch(batch_index, loss.item(), batch_correct.item() / batch_size, batch_size)
+        # Stop only at the end of an accumulation window, so no gradient is lost.
+        if should_stop is not None and accelerator.sync_gradients and should_stop():
+            stopped = True
+            break
 
     # Training metrics come from each process's own shard, so sum them over processes.
     totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double()]), reduction="sum")
@@ -91,6 +107,8 @@ def train_one_epoch(
         accuracy=float(totals[1].item()) / max(images, 1),
         images=images,
         seconds=time.perf_counter() - start,
+        batches=batches,
+        stopped=stopped,
     )
 
 

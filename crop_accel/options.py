@@ -133,6 +133,25 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="Clip the total gradient L2 norm to this value (default: no clipping).",
     )
 
+    checkpoints = parser.add_argument_group("checkpoints")
+    checkpoints.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="Continue from the latest checkpoint in --output-dir, or from the checkpoint folder PATH. "
+        "--epochs stays the total number of epochs.",
+    )
+    checkpoints.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=None,
+        help="Also checkpoint every N optimizer steps (default: only at the end of each epoch).",
+    )
+    checkpoints.add_argument(
+        "--keep-checkpoints", type=positive_int, default=2, help="Number of newest checkpoints kept (default: 2)."
+    )
+
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument(
         "--sync-bn",

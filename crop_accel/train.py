@@ -1,93 +1,61 @@
 """The ``train`` command: fine-tune a timm model on an ImageFolder with accelerate.
 
-The flow reads top to bottom: accelerator, data, model and optimizer, prepare, then the
-epoch loop with evaluation and the best model kept on disk.
+``run_training`` builds everything in order (accelerator, data, model and optimizer,
+``prepare``, resume) and ``fit`` is the epoch loop: train, evaluate, keep the best
+model, checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 
 from crop_accel import data as data_lib
+from crop_accel.checkpoints import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    TrainingState,
+    read_training_state,
+    resolve_resume_path,
+    save_checkpoint,
+)
 from crop_accel.console import TrainingProgress, epoch_table, setup_logging
 from crop_accel.engine import evaluate, train_one_epoch
 from crop_accel.export import atomic_write_json, save_model
 from crop_accel.model import build_param_groups, create_model
+from crop_accel.records import History, build_run_config
 from crop_accel.runtime import build_accelerator, effective_precision, resolve_output_dir, share_from_main
-from crop_accel.scan import ScanResult, scan_image_folder, validate_for_training
+from crop_accel.scan import scan_image_folder, validate_for_training
+from crop_accel.signals import StopRequest
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainingData:
-    """The scanned folder, its split and the two datasets built from it."""
+class Run:
+    """Everything the epoch loop works with, after ``prepare``."""
 
-    scan: ScanResult
-    split: data_lib.Split
-    train_set: data_lib.ImageFolderDataset
-    val_set: data_lib.ImageFolderDataset
-
-
-@dataclass
-class History:
-    """Per-epoch metrics and the best epoch so far, as written to metrics.json."""
-
-    epochs: list[dict] = field(default_factory=list)
-    best: dict | None = None
-
-    def add(self, row: dict) -> bool:
-        """Append an epoch; return True when it is the best so far.
-
-        Best means the highest validation accuracy, and among equal accuracies the
-        lowest validation loss.
-        """
-        self.epochs.append(row)
-        key = (row["val_acc"], -row["val_loss"])
-        if self.best is None or key > (self.best["val_acc"], -self.best["val_loss"]):
-            self.best = {"epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
-            return True
-        return False
-
-    def to_dict(self) -> dict:
-        return {"epochs": self.epochs, "best": self.best}
-
-
-def scan_training_folder(accelerator: Accelerator, data_dir: str) -> ScanResult:
-    """Scan the folder on the main process only and share the result with all processes."""
-    scan = share_from_main(accelerator, lambda: scan_image_folder(data_dir))
-    validate_for_training(scan)
-    return scan
-
-
-def build_training_data(accelerator: Accelerator, args, scan: ScanResult, data_config: dict, output_dir: Path) -> TrainingData:
-    """Split the scanned images and build the train and validation datasets."""
-    labels = [label for _, label in scan.samples]
-    groups = None
-    if args.group_duplicates and getattr(scan, "groups", None):
-        groups = [scan.groups[path] for path, _ in scan.samples]
-    split = data_lib.split_train_val(labels, args.val_fraction, args.seed, groups)
-
-    train_transform, eval_transform = data_lib.build_transforms(data_config)
-    train_set = data_lib.ImageFolderDataset(scan.data_dir, [scan.samples[i] for i in split.train], train_transform)
-    val_set = data_lib.ImageFolderDataset(scan.data_dir, [scan.samples[i] for i in split.val], eval_transform)
-
-    if accelerator.is_main_process:
-        data_lib.write_split_csv(output_dir / "split.csv", scan.samples, scan.classes, split)
-        logger.info(
-            "%d classes, %d train and %d validation images, %d files skipped",
-            len(scan.classes), len(train_set), len(val_set), len(scan.skipped),
-        )
-    return TrainingData(scan=scan, split=split, train_set=train_set, val_set=val_set)
+    args: object
+    accelerator: Accelerator
+    console: Console
+    output_dir: Path
+    data: data_lib.TrainingData
+    data_config: dict
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: object
+    val_loader: object
+    state: TrainingState
+    stop: StopRequest
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
@@ -99,55 +67,45 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps
     )
 
 
-def build_run_config(args, accelerator: Accelerator, precision: str, data_config: dict, optimizer, data: TrainingData) -> dict:
-    """Collect every resolved option and derived setting for config.json."""
-    options = {key: (list(value) if isinstance(value, tuple) else value) for key, value in vars(args).items()}
-    options.pop("handler", None)
-    return {
-        **options,
-        "num_processes": accelerator.num_processes,
-        "mixed_precision_requested": accelerator.mixed_precision,
-        "mixed_precision": precision,
-        "global_batch_size": args.batch_size * accelerator.num_processes * args.grad_accum_steps,
-        "param_groups": [
-            # OneCycleLR moves "lr" to its starting value and keeps the peak in "max_lr".
-            {"name": group["name"], "lr": group.get("max_lr", group["lr"]), "divisor": group["divisor"]}
-            for group in optimizer.param_groups
-        ],
-        "data_config": data_config,
-        "classes": data.scan.classes,
-        "train_images": len(data.train_set),
-        "val_images": len(data.val_set),
-        "skipped_files": [{"path": path, "reason": reason} for path, reason in data.scan.skipped],
-        "versions": {"torch": torch.__version__, "timm": timm.__version__},
-    }
-
-
-def run_training(args, console: Console | None = None) -> dict:
-    """Train, evaluate every epoch, keep the best model; return metrics.json's content."""
-    console = console or Console()
-    accelerator = build_accelerator(args)
-    setup_logging(console, accelerator.is_main_process, getattr(args, "verbose", False))
-    precision = effective_precision(accelerator)
-    set_seed(args.seed)
-    output_dir = resolve_output_dir(accelerator, args.output_dir, args.model)
-
-    # Data: the class list decides the head size, so the folder is scanned first.
-    scan = scan_training_folder(accelerator, args.data_dir)
-    model = create_model(args.model, len(scan.classes), args.pretrained, args.pretrained_file)
-    data_config = data_lib.resolve_data_config(model, args.image_size)
-    data = build_training_data(accelerator, args, scan, data_config, output_dir)
-
-    # Model and optimizer. SyncBatchNorm must replace BatchNorm before DDP wraps the model.
+def prepare_model(model: torch.nn.Module, args, accelerator: Accelerator) -> torch.nn.Module:
+    """Apply --sync-bn and --channels-last; both must happen before DDP wraps the model."""
     if args.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(build_param_groups(model, args.lr, args.lr_divisors))
+    return model
 
+
+def default_output_dir(args) -> str | None:
+    """Return --output-dir; with --resume PATH alone, the run folder that contains PATH."""
+    if args.output_dir is not None or not args.resume:
+        return args.output_dir
+    if args.resume == "latest":
+        raise CheckpointError("--resume without a path needs --output-dir, the folder of the run to continue")
+    path = Path(args.resume)
+    return str(path.parent.parent if path.parent.name == CHECKPOINT_DIR else path)
+
+
+def build_run(args, console: Console) -> Run:
+    """Set up accelerator, data, model, optimizer and schedule; load a checkpoint on --resume."""
+    accelerator = build_accelerator(args)
+    setup_logging(console, accelerator.is_main_process, getattr(args, "verbose", False))
+    precision = effective_precision(accelerator)
+    set_seed(args.seed)
+    output_dir = resolve_output_dir(accelerator, default_output_dir(args), args.model)
+
+    # The class list decides the head size, so the folder is scanned before the model is built.
+    scan = share_from_main(accelerator, lambda: scan_image_folder(args.data_dir))
+    validate_for_training(scan)
+    model = create_model(args.model, len(scan.classes), args.pretrained, args.pretrained_file)
+    data_config = data_lib.resolve_data_config(model, args.image_size)
+    data = data_lib.build_training_data(scan, data_config, args.val_fraction, args.seed, args.group_duplicates)
+
+    model = prepare_model(model, args, accelerator)
+    optimizer = torch.optim.Adam(build_param_groups(model, args.lr, args.lr_divisors))
     num_workers = args.num_workers if args.num_workers is not None else data_lib.default_num_workers()
-    train_loader = data_lib.build_loader(data.train_set, args.batch_size, True, num_workers, args.seed)
-    val_loader = data_lib.build_loader(data.val_set, args.batch_size, False, num_workers, args.seed)
+    train_loader = data_lib.build_loader(data.train_set, args.batch_size, True, num_workers)
+    val_loader = data_lib.build_loader(data.val_set, args.batch_size, False, num_workers)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     if args.compile:
         model = torch.compile(model)
@@ -156,51 +114,134 @@ def run_training(args, console: Console | None = None) -> dict:
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     scheduler = accelerator.prepare(build_scheduler(optimizer, args.schedule, steps_per_epoch * args.epochs))
 
-    run_config = build_run_config(args, accelerator, precision, data_config, optimizer, data)
+    state = TrainingState(
+        model=args.model, classes=scan.classes, num_processes=accelerator.num_processes,
+        epochs=args.epochs, schedule=args.schedule,
+    )
+    if args.resume:
+        path = resolve_resume_path(args.resume, output_dir)
+        state = read_training_state(path, expected=state)
+        state.epochs = args.epochs
+        accelerator.load_state(str(path))
+        logger.info("Resumed from %s at epoch %d, batch %d", path, state.epoch, state.batches_done)
+
     if accelerator.is_main_process:
+        run_config = build_run_config(args, accelerator, precision, data_config, optimizer, data)
         atomic_write_json(output_dir / "config.json", run_config)
+        data_lib.write_split_csv(output_dir / "split.csv", scan.samples, scan.classes, data.split)
         logger.info(
-            "Training %s on %d process(es), %s precision, global batch %d, output in %s",
-            args.model, accelerator.num_processes, precision, run_config["global_batch_size"], output_dir,
+            "Training %s on %d process(es), %s precision, global batch %d, %d train / %d val images, output in %s",
+            args.model, accelerator.num_processes, precision, run_config["global_batch_size"],
+            len(data.train_set), len(data.val_set), output_dir,
         )
 
-    history = History()
-    unwrapped = accelerator.unwrap_model(model)
-    with TrainingProgress(console, args.epochs, len(train_loader), enabled=accelerator.is_main_process) as progress:
-        for epoch in range(1, args.epochs + 1):
-            progress.start_epoch(epoch)
-            train_loader.set_epoch(epoch)
-            train_stats = train_one_epoch(
-                accelerator, model, train_loader, optimizer, scheduler, args.max_grad_norm, progress.update_batch
-            )
-            evaluation = evaluate(accelerator, model, val_loader)
+    return Run(
+        args=args, accelerator=accelerator, console=console, output_dir=output_dir, data=data,
+        data_config=data_config, model=model, optimizer=optimizer, scheduler=scheduler,
+        train_loader=train_loader, val_loader=val_loader, state=state, stop=StopRequest().install(),
+    )
 
+
+def epoch_loader(run: Run, epoch: int):
+    """Return the training loader for ``epoch``, past the batches trained before a resume.
+
+    The seedable sampler's order depends on the epoch set here, so a resumed epoch
+    sees the same order as an uninterrupted one.
+    """
+    run.train_loader.set_epoch(epoch)
+    if run.state.batches_done == 0:
+        return run.train_loader
+    skipped = run.accelerator.skip_first_batches(run.train_loader, run.state.batches_done)
+    skipped.set_epoch(epoch)
+    return skipped
+
+
+def save_epoch_outputs(run: Run, history: History, is_best: bool) -> None:
+    """Write metrics.json, and the model files when this epoch is the best so far."""
+    if not run.accelerator.is_main_process:
+        return
+    if is_best:
+        model = run.accelerator.unwrap_model(run.model)
+        save_model(model, run.output_dir, run.args.model, run.data.scan.classes, run.data_config)
+    atomic_write_json(run.output_dir / "metrics.json", history.to_dict())
+
+
+def stop_with_checkpoint(run: Run) -> int:
+    """Write a checkpoint after a stop signal and tell the user how to resume."""
+    path = save_checkpoint(run.accelerator, run.output_dir, run.state, run.args.keep_checkpoints)
+    if run.accelerator.is_main_process:
+        logger.warning(
+            "Stopped at epoch %d, batch %d. Checkpoint: %s. To resume, run the same command with "
+            "--output-dir %s --resume",
+            run.state.epoch, run.state.batches_done, path, shlex.quote(str(run.output_dir)),
+        )
+    return run.stop.exit_code
+
+
+def fit(run: Run) -> int:
+    """Run the epochs from the current state; return the process exit code."""
+    args, accelerator, state = run.args, run.accelerator, run.state
+    history = History.from_dict(state.history)
+    enabled = accelerator.is_main_process
+
+    with TrainingProgress(run.console, args.epochs, len(run.train_loader), enabled=enabled) as progress:
+
+        def after_batch(batch_index: int, loss: float, accuracy: float, images: int) -> None:
+            progress.update_batch(batch_index, loss, accuracy, images)
+            state.batches_done = batch_index + 1
+            if accelerator.sync_gradients:
+                state.global_step += 1
+                if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
+                    save_checkpoint(accelerator, run.output_dir, state, args.keep_checkpoints)
+
+        for epoch in range(state.epoch, args.epochs + 1):
+            state.epoch = epoch
+            progress.start_epoch(epoch, first_batch=state.batches_done)
+            train_stats = train_one_epoch(
+                accelerator, run.model, epoch_loader(run, epoch), run.optimizer, run.scheduler,
+                args.max_grad_norm, after_batch, lambda: run.stop.should_stop(accelerator), state.batches_done,
+            )
+            if train_stats.stopped:
+                return stop_with_checkpoint(run)
+
+            evaluation = evaluate(accelerator, run.model, run.val_loader)
             row = {
                 "epoch": epoch,
                 "train_loss": train_stats.loss,
                 "train_acc": train_stats.accuracy,
                 "val_loss": evaluation.loss,
                 "val_acc": evaluation.accuracy,
-                "lr": optimizer.param_groups[-1]["lr"],
-                "group_lrs": [group["lr"] for group in optimizer.param_groups],
+                "lr": run.optimizer.param_groups[-1]["lr"],
+                "group_lrs": [group["lr"] for group in run.optimizer.param_groups],
                 "seconds": train_stats.seconds + evaluation.seconds,
                 "train_images_per_second": train_stats.images_per_second,
                 "val_images": len(evaluation.targets),
             }
             is_best = history.add(row)
-
-            if accelerator.is_main_process:
-                if is_best:
-                    save_model(unwrapped, output_dir, args.model, data.scan.classes, data_config)
-                atomic_write_json(output_dir / "metrics.json", history.to_dict())
+            save_epoch_outputs(run, history, is_best)
             progress.end_epoch(
                 f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}"
             )
 
-    if accelerator.is_main_process:
-        console.print(epoch_table(history.epochs))
-        logger.info("Best epoch %d: val_acc %.4f. Model saved in %s", history.best["epoch"], history.best["val_acc"], output_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return history.to_dict()
+            # A finished epoch is stored as the start of the next one.
+            state.epoch, state.batches_done, state.history = epoch + 1, 0, history.to_dict()
+            save_checkpoint(accelerator, run.output_dir, state, args.keep_checkpoints)
+
+    if accelerator.is_main_process and history.epochs:
+        run.console.print(epoch_table(history.epochs))
+        best = history.best
+        logger.info("Best epoch %d: val_acc %.4f. Model saved in %s", best["epoch"], best["val_acc"], run.output_dir)
+    return 0
+
+
+def run_training(args, console: Console | None = None) -> int:
+    """Train with the options in ``args``; return the process exit code."""
+    run = build_run(args, console or Console())
+    try:
+        code = fit(run)
+    finally:
+        run.stop.uninstall()
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return code
