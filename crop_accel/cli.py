@@ -13,10 +13,11 @@ from rich.console import Console
 
 from crop_accel.checkpoints import CheckpointError
 from crop_accel.model import ModelError
+from crop_accel.inference import add_evaluate_arguments, add_predict_arguments, run_evaluate, run_predict
 from crop_accel.options import add_train_arguments
 from crop_accel.scan import DataError
 
-SUBCOMMANDS = ("train",)
+SUBCOMMANDS = ("train", "evaluate", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(train)
     train.set_defaults(handler=_run_train)
+
+    evaluate = subcommands.add_parser(
+        "evaluate",
+        help="Score a trained model on a labelled folder.",
+        description="Accuracy, per-class scores, confusion matrix and worst-error gallery of a trained model.",
+    )
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(handler=run_evaluate)
+
+    predict = subcommands.add_parser(
+        "predict",
+        help="Predict the classes of images with a trained model.",
+        description="Write a CSV with the top-k classes and probabilities of each image.",
+    )
+    add_predict_arguments(predict)
+    predict.set_defaults(handler=run_predict)
     return parser
 
 
