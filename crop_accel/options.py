@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from crop_accel.model import DEFAULT_LR_DIVISORS
+from crop_accel.tracking import add_tracking_arguments
 
 
 def parse_lr(text: str) -> float | str:
@@ -169,3 +170,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="Minutes a process waits for the others, e.g. during the LR range test on the main process (default: 60).",
     )
     runtime.add_argument("--verbose", action="store_true", help="Log debug messages.")
+    runtime.add_argument(
+        "--num-worst", type=int, default=36, help="Images in the gallery of most confident errors (default: 36)."
+    )
+
+    add_tracking_arguments(parser)

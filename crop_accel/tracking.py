@@ -8,19 +8,16 @@ Both are logged as warnings. Only the main process starts a W&B run.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-import math
 import netrc
 import os
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from crop_accel import plots
 from crop_accel.analysis import Analysis
-from crop_accel.images import ImageLoadError, load_rgb
 from crop_accel.plots import atomic_output
+from crop_accel.wandb_media import analysis_payload, lr_finder_payload
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +32,8 @@ DEFAULT_PROJECT = "crop_accel"
 # in init and has no login bound.
 DEFAULT_TIMEOUT_S = 60.0
 RUN_ID_FILE = "wandb_run_id.txt"
+# The files of a trained model, as written by crop_accel.export.
+MODEL_FILES = ("model.safetensors", "model.json")
 # wandb 0.31 rejects tags longer than this.
 MAX_TAG_LENGTH = 64
 
@@ -163,11 +162,11 @@ class RunTracking:
 
     def log_analysis(self, analysis: Analysis, step: int, data_dir: str | Path, prefix: str = "val") -> None:
         """Log the per-class table, confusion charts, confused pairs and worst-error gallery."""
-        self._log_built("the analysis", lambda: _analysis_payload(analysis, Path(data_dir), prefix), step)
+        self._log_built("the analysis", lambda: analysis_payload(analysis, Path(data_dir), prefix), step)
 
     def log_lr_finder(self, csv_path: str | Path, png_path: str | Path, step: int = 0) -> None:
         """Log the LR finder's CSV (columns ``lr`` and ``loss``) as a table and chart, and its PNG."""
-        self._log_built("the LR finder results", lambda: _lr_finder_payload(Path(csv_path), Path(png_path)), step)
+        self._log_built("the LR finder results", lambda: lr_finder_payload(Path(csv_path), Path(png_path)), step)
 
     def log_model_artifact(self, model_dir: str | Path, aliases: tuple[str, ...] = ("best",)) -> None:
         """Upload ``model_dir`` as a ``model`` artifact when --log-model was given."""
@@ -197,7 +196,13 @@ class RunTracking:
         import wandb
 
         artifact = wandb.Artifact(f"model-{self._run.id}", type="model", metadata={"source_dir": str(model_dir)})
-        artifact.add_dir(str(model_dir))
+        # A training output dir also holds checkpoints and W&B files; upload only the model.
+        model_files = [model_dir / name for name in MODEL_FILES if (model_dir / name).is_file()]
+        if model_files:
+            for path in model_files:
+                artifact.add_file(str(path))
+        else:
+            artifact.add_dir(str(model_dir))
         self._run.log_artifact(artifact, aliases=list(aliases))
 
     def _log_built(self, description: str, build: Callable[[], dict[str, Any]], step: int) -> None:
@@ -286,72 +291,6 @@ def _detach_wandb(accelerator, finish: bool) -> None:
                 run.finish(exit_code=1)
             except Exception as error:
                 logger.warning("Failed to close the half-started W&B run: %s", error)
-
-
-def _analysis_payload(analysis: Analysis, data_dir: Path, prefix: str) -> dict[str, Any]:
-    import wandb
-
-    scores = wandb.Table(
-        columns=["class", "precision", "recall", "f1", "support"],
-        data=[[s.name, s.precision, s.recall, s.f1, s.support] for s in analysis.per_class],
-    )
-    pairs = wandb.Table(
-        columns=["true_class", "predicted_class", "count", "share"],
-        data=[[p.true_class, p.predicted_class, p.count, p.share] for p in analysis.confused_pairs],
-    )
-    heatmap = plots.figure_to_image(plots.confusion_matrix_figure(analysis.confusion, analysis.class_names))
-    payload: dict[str, Any] = {
-        f"{prefix}/per_class": scores,
-        f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
-            y_true=analysis.targets.tolist(), preds=analysis.predictions.tolist(),
-            class_names=list(analysis.class_names), title="Confusion matrix (counts)",
-        ),
-        f"{prefix}/confusion_matrix_normalised": wandb.Image(heatmap, caption="rows: true class, share of the true class"),
-        f"{prefix}/confused_pairs": pairs,
-    }
-    # Accuracy and loss are left to the training loop, whose loss comes from the logits.
-    payload[f"{prefix}/macro_f1"] = analysis.macro_f1
-    if analysis.top5_accuracy is not None:
-        payload[f"{prefix}/top5_accuracy"] = analysis.top5_accuracy
-
-    gallery = []
-    for error in analysis.worst_errors:
-        try:
-            image = load_rgb(data_dir / error.path, min_side=plots.THUMBNAIL_MIN_SIDE)
-        except ImageLoadError as failure:
-            logger.warning("Leaving %s out of the W&B worst-error gallery: %s", error.path, failure.reason)
-            continue
-        gallery.append(wandb.Image(image, caption=error.caption()))
-    if gallery:
-        payload[f"{prefix}/worst_errors"] = gallery
-    return payload
-
-
-def _lr_finder_payload(csv_path: Path, png_path: Path) -> dict[str, Any]:
-    import wandb
-
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        rows = [{name: _finite_or_none(value) for name, value in row.items()} for row in csv.DictReader(handle)]
-    if not rows or "lr" not in rows[0] or "loss" not in rows[0]:
-        raise ValueError(f"{csv_path} needs the columns 'lr' and 'loss' and at least one row")
-
-    columns = [*rows[0].keys(), "log10_lr"]
-    data = [[*row.values(), math.log10(row["lr"]) if row["lr"] and row["lr"] > 0 else None] for row in rows]
-    table = wandb.Table(columns=columns, data=data)
-    # crop_accel.lr_finder writes a smoothed_loss column next to the raw loss. The smoothed
-    # curve is the one to judge by eye, because the raw loss jumps from batch to batch.
-    y_column = "smoothed_loss" if "smoothed_loss" in columns else "loss"
-    return {
-        "lr_finder/table": table,
-        "lr_finder/curve": wandb.plot.line(table, "log10_lr", y_column, title=f"LR finder: {y_column} against log10(lr)"),
-        "lr_finder/plot": wandb.Image(str(png_path)),
-    }
-
-
-def _finite_or_none(text: str) -> float | None:
-    # JSON, and so a W&B table, has no NaN or infinity, so a diverged loss becomes an empty cell.
-    value = float(text)
-    return value if math.isfinite(value) else None
 
 
 def _plain(value: Any) -> Any:

@@ -27,14 +27,16 @@ from crop_accel.checkpoints import (
     resolve_resume_path,
     save_checkpoint,
 )
-from crop_accel.console import TrainingProgress, epoch_table, setup_logging
+from crop_accel.console import TrainingProgress, setup_logging
 from crop_accel.engine import evaluate, train_one_epoch
-from crop_accel.export import atomic_write_json, save_model
+from crop_accel.export import atomic_write_json
 from crop_accel.model import build_param_groups, create_model
 from crop_accel.records import History, build_run_config
+from crop_accel.reporting import Reporter, epoch_row
 from crop_accel.runtime import build_accelerator, effective_precision, resolve_output_dir, share_from_main
 from crop_accel.scan import scan_image_folder, validate_for_training
 from crop_accel.signals import StopRequest
+from crop_accel.tracking import RunTracking, log_with_for, resolve_wandb_mode
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class Run:
     train_loader: object
     val_loader: object
     state: TrainingState
+    reporter: Reporter
     stop: StopRequest
 
 
@@ -88,7 +91,7 @@ def default_output_dir(args) -> str | None:
 
 def build_run(args, console: Console) -> Run:
     """Set up accelerator, data, model, optimizer and schedule; load a checkpoint on --resume."""
-    accelerator = build_accelerator(args)
+    accelerator = build_accelerator(args, log_with=log_with_for(resolve_wandb_mode(args.wandb_mode)))
     setup_logging(console, accelerator.is_main_process, getattr(args, "verbose", False))
     precision = effective_precision(accelerator)
     set_seed(args.seed)
@@ -125,8 +128,13 @@ def build_run(args, console: Console) -> Run:
         accelerator.load_state(str(path))
         logger.info("Resumed from %s at epoch %d, batch %d", path, state.epoch, state.batches_done)
 
+    run_config = build_run_config(args, accelerator, precision, data_config, optimizer, data)
+    tracking = RunTracking.start(accelerator, args, run_config, output_dir, resume=bool(args.resume))
+    reporter = Reporter(
+        accelerator, output_dir, data, data_config, args.model, tracking,
+        History.from_dict(state.history), console, args.num_worst,
+    )
     if accelerator.is_main_process:
-        run_config = build_run_config(args, accelerator, precision, data_config, optimizer, data)
         atomic_write_json(output_dir / "config.json", run_config)
         data_lib.write_split_csv(output_dir / "split.csv", scan.samples, scan.classes, data.split)
         logger.info(
@@ -138,7 +146,8 @@ def build_run(args, console: Console) -> Run:
     return Run(
         args=args, accelerator=accelerator, console=console, output_dir=output_dir, data=data,
         data_config=data_config, model=model, optimizer=optimizer, scheduler=scheduler,
-        train_loader=train_loader, val_loader=val_loader, state=state, stop=StopRequest().install(),
+        train_loader=train_loader, val_loader=val_loader, state=state, reporter=reporter,
+        stop=StopRequest().install(),
     )
 
 
@@ -156,16 +165,6 @@ def epoch_loader(run: Run, epoch: int):
     return skipped
 
 
-def save_epoch_outputs(run: Run, history: History, is_best: bool) -> None:
-    """Write metrics.json, and the model files when this epoch is the best so far."""
-    if not run.accelerator.is_main_process:
-        return
-    if is_best:
-        model = run.accelerator.unwrap_model(run.model)
-        save_model(model, run.output_dir, run.args.model, run.data.scan.classes, run.data_config)
-    atomic_write_json(run.output_dir / "metrics.json", history.to_dict())
-
-
 def stop_with_checkpoint(run: Run) -> int:
     """Write a checkpoint after a stop signal and tell the user how to resume."""
     path = save_checkpoint(run.accelerator, run.output_dir, run.state, run.args.keep_checkpoints)
@@ -180,8 +179,7 @@ def stop_with_checkpoint(run: Run) -> int:
 
 def fit(run: Run) -> int:
     """Run the epochs from the current state; return the process exit code."""
-    args, accelerator, state = run.args, run.accelerator, run.state
-    history = History.from_dict(state.history)
+    args, accelerator, state, reporter = run.args, run.accelerator, run.state, run.reporter
     enabled = accelerator.is_main_process
 
     with TrainingProgress(run.console, args.epochs, len(run.train_loader), enabled=enabled) as progress:
@@ -191,6 +189,7 @@ def fit(run: Run) -> int:
             state.batches_done = batch_index + 1
             if accelerator.sync_gradients:
                 state.global_step += 1
+                reporter.log_step(state.global_step, loss, run.optimizer)
                 if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
                     save_checkpoint(accelerator, run.output_dir, state, args.keep_checkpoints)
 
@@ -205,33 +204,16 @@ def fit(run: Run) -> int:
                 return stop_with_checkpoint(run)
 
             evaluation = evaluate(accelerator, run.model, run.val_loader)
-            row = {
-                "epoch": epoch,
-                "train_loss": train_stats.loss,
-                "train_acc": train_stats.accuracy,
-                "val_loss": evaluation.loss,
-                "val_acc": evaluation.accuracy,
-                "lr": run.optimizer.param_groups[-1]["lr"],
-                "group_lrs": [group["lr"] for group in run.optimizer.param_groups],
-                "seconds": train_stats.seconds + evaluation.seconds,
-                "train_images_per_second": train_stats.images_per_second,
-                "val_images": len(evaluation.targets),
-            }
-            is_best = history.add(row)
-            save_epoch_outputs(run, history, is_best)
+            row = epoch_row(epoch, train_stats, evaluation, run.optimizer)
+            reporter.end_epoch(row, accelerator.unwrap_model(run.model), reporter.analyze(evaluation), state.global_step)
             progress.end_epoch(
                 f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}"
             )
 
             # A finished epoch is stored as the start of the next one.
-            state.epoch, state.batches_done, state.history = epoch + 1, 0, history.to_dict()
+            state.epoch, state.batches_done, state.history = epoch + 1, 0, reporter.history.to_dict()
             save_checkpoint(accelerator, run.output_dir, state, args.keep_checkpoints)
-
-    if accelerator.is_main_process and history.epochs:
-        run.console.print(epoch_table(history.epochs))
-        best = history.best
-        logger.info("Best epoch %d: val_acc %.4f. Model saved in %s", best["epoch"], best["val_acc"], run.output_dir)
     return 0
 
 
@@ -242,6 +224,10 @@ def run_training(args, console: Console | None = None) -> int:
         code = fit(run)
     finally:
         run.stop.uninstall()
+    if code == 0:
+        run.reporter.finish()
+    else:
+        run.reporter.tracking.finish()
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return code
