@@ -148,3 +148,29 @@ def epoch_table(history: list[dict]) -> Table:
             style=style,
         )
     return table
+
+
+class CountProgress:
+    """A single transient bar for a counted task, such as filling the image cache."""
+
+    def __init__(self, console: Console, description: str, enabled: bool = True):
+        self.enabled = enabled and console.is_terminal
+        self._progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                  console=console, transient=True)
+        self._task = None
+
+    def __enter__(self) -> "CountProgress":
+        if self.enabled:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.enabled:
+            self._progress.stop()
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task("", total=total)
+        self._progress.update(self._task, completed=done)

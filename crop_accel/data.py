@@ -15,6 +15,7 @@ import timm.data
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from crop_accel.image_cache import DecodedImageCache, cache_min_side
 from crop_accel.images import load_rgb
 from crop_accel.scan import ScanResult
 
@@ -107,6 +108,9 @@ class ImageFolderDataset(Dataset):
         self.samples = samples
         self.transform = transform
         self.seed = seed
+        # Optional: decode at this short side (as the cache does), or read from a filled cache.
+        self.min_side: int | None = None
+        self.cache: DecodedImageCache | None = None
         # Shared memory, so persistent worker processes see the epoch set by the main process.
         self._epoch = multiprocessing.Value("l", 0, lock=False)
 
@@ -119,7 +123,10 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int):
         relative, label = self.samples[index]
-        image = load_rgb(self.root / relative)
+        if self.cache is not None:
+            image = self.cache.get(relative)
+        else:
+            image = load_rgb(self.root / relative, min_side=self.min_side)
         if self.seed is None:
             return self.transform(image), label, index
         return self._seeded_transform(image, index), label, index
@@ -203,3 +210,13 @@ def build_training_data(scan: ScanResult, data_config: dict, val_fraction: float
     train_set = ImageFolderDataset(scan.data_dir, [scan.samples[i] for i in split.train], train_transform, seed)
     val_set = ImageFolderDataset(scan.data_dir, [scan.samples[i] for i in split.val], eval_transform)
     return TrainingData(scan=scan, split=split, train_set=train_set, val_set=val_set)
+
+
+def attach_image_cache(data: TrainingData, data_config: dict, on_image=None) -> DecodedImageCache:
+    """Decode every train and validation image once into a shared in-memory cache."""
+    cache = DecodedImageCache(data.scan.data_dir, cache_min_side(data_config))
+    cache.fill([path for path, _ in data.train_set.samples + data.val_set.samples], on_image)
+    for dataset in (data.train_set, data.val_set):
+        dataset.cache = cache
+        dataset.min_side = cache.min_side
+    return cache

@@ -72,6 +72,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Data loader worker processes per training process (default: usable CPU cores - 1, at most 8).",
     )
+    data.add_argument(
+        "--cache-images",
+        action="store_true",
+        help="Decode every image once, at a short side of input size / crop_pct, and keep it in memory "
+        "(uint8; about 0.25 MiB per image at 224 px). Speeds up small datasets.",
+    )
     data.add_argument("--seed", type=int, default=42, help="Seed for the split, initial head, augmentation and order (default: 42).")
 
     model = parser.add_argument_group("model")

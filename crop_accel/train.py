@@ -27,7 +27,7 @@ from crop_accel.checkpoints import (
     resolve_resume_path,
     save_checkpoint,
 )
-from crop_accel.console import TrainingProgress, setup_logging
+from crop_accel.console import CountProgress, TrainingProgress, setup_logging
 from crop_accel.engine import evaluate, train_one_epoch
 from crop_accel.export import atomic_write_json
 from crop_accel.model import build_param_groups, create_model
@@ -103,6 +103,9 @@ def build_run(args, console: Console) -> Run:
     model = create_model(args.model, len(scan.classes), args.pretrained, args.pretrained_file)
     data_config = data_lib.resolve_data_config(model, args.image_size)
     data = data_lib.build_training_data(scan, data_config, args.val_fraction, args.seed, args.group_duplicates)
+    if args.cache_images:
+        with CountProgress(console, "decoding images into the cache", accelerator.is_main_process) as progress:
+            data_lib.attach_image_cache(data, data_config, progress.update)
 
     model = prepare_model(model, args, accelerator)
     optimizer = torch.optim.Adam(build_param_groups(model, args.lr, args.lr_divisors))
