@@ -12,12 +12,19 @@ import sys
 from rich.console import Console
 
 from crop_accel.checkpoints import CheckpointError
+from crop_accel.console import setup_logging
+from crop_accel.datacheck import add_check_data_arguments, run_check_data
+from crop_accel.inference import (
+    add_evaluate_arguments,
+    add_predict_arguments,
+    run_evaluate,
+    run_predict,
+)
 from crop_accel.model import ModelError
-from crop_accel.inference import add_evaluate_arguments, add_predict_arguments, run_evaluate, run_predict
 from crop_accel.options import add_train_arguments
 from crop_accel.scan import DataError
 
-SUBCOMMANDS = ("train", "evaluate", "predict")
+SUBCOMMANDS = ("train", "evaluate", "predict", "check-data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_predict_arguments(predict)
     predict.set_defaults(handler=run_predict)
+
+    check = subcommands.add_parser(
+        "check-data",
+        help="Report unreadable files, misnamed formats, small images and duplicates.",
+        description="Scan an ImageFolder and write data_report.json; exit code 1 when it cannot be trained on.",
+    )
+    add_check_data_arguments(check)
+    check.set_defaults(handler=_run_check_data)
     return parser
 
 
@@ -58,6 +73,12 @@ def _run_train(args, console: Console) -> int:
     from crop_accel.train import run_training
 
     return run_training(args, console)
+
+
+def _run_check_data(args, console: Console) -> int:
+    # check-data logs through the same handlers as training, on a single process.
+    setup_logging(console, is_main_process=True)
+    return run_check_data(args, console)
 
 
 def main(argv: list[str] | None = None, default_command: str | None = None) -> int:

@@ -8,6 +8,8 @@ import timm
 import torch
 from accelerate import Accelerator
 
+from crop_accel.scan import display_path
+
 
 @dataclass
 class History:
@@ -57,6 +59,6 @@ def build_run_config(args, accelerator: Accelerator, precision: str, data_config
         "classes": data.scan.classes,
         "train_images": len(data.train_set),
         "val_images": len(data.val_set),
-        "skipped_files": [{"path": path, "reason": reason} for path, reason in data.scan.skipped],
+        "skipped_files": [{"path": display_path(path), "reason": reason} for path, reason in data.scan.skipped],
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }

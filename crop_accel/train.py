@@ -28,12 +28,18 @@ from crop_accel.checkpoints import (
     save_checkpoint,
 )
 from crop_accel.console import CountProgress, TrainingProgress, setup_logging
+from crop_accel.datacheck import print_scan_summary
 from crop_accel.engine import evaluate, train_one_epoch
 from crop_accel.export import atomic_write_json
 from crop_accel.model import build_param_groups, create_model
 from crop_accel.records import History, build_run_config
 from crop_accel.reporting import Reporter, epoch_row
-from crop_accel.runtime import build_accelerator, effective_precision, resolve_output_dir, share_from_main
+from crop_accel.runtime import (
+    build_accelerator,
+    effective_precision,
+    resolve_output_dir,
+    share_from_main,
+)
 from crop_accel.scan import scan_image_folder, validate_for_training
 from crop_accel.signals import StopRequest
 from crop_accel.tracking import RunTracking, log_with_for, resolve_wandb_mode
@@ -72,7 +78,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps
 
 def prepare_model(model: torch.nn.Module, args, accelerator: Accelerator) -> torch.nn.Module:
     """Apply --sync-bn and --channels-last; both must happen before DDP wraps the model."""
-    if args.sync_bn and accelerator.num_processes > 1:
+    if args.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        logger.warning("--sync-bn is ignored: SyncBatchNorm works only on GPUs, and this run uses the CPU")
+    elif args.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -98,8 +106,10 @@ def build_run(args, console: Console) -> Run:
     output_dir = resolve_output_dir(accelerator, default_output_dir(args), args.model)
 
     # The class list decides the head size, so the folder is scanned before the model is built.
-    scan = share_from_main(accelerator, lambda: scan_image_folder(args.data_dir))
-    validate_for_training(scan)
+    scan = share_from_main(accelerator, lambda: scan_image_folder(args.data_dir, cache_dir=output_dir))
+    if accelerator.is_main_process:
+        print_scan_summary(scan, console)
+    validate_for_training(scan, group_duplicates=args.group_duplicates)
     model = create_model(args.model, len(scan.classes), args.pretrained, args.pretrained_file)
     data_config = data_lib.resolve_data_config(model, args.image_size)
     data = data_lib.build_training_data(scan, data_config, args.val_fraction, args.seed, args.group_duplicates)

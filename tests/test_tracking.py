@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import wandb
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from PIL import Image
