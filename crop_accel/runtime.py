@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list
 
@@ -21,6 +23,7 @@ def build_accelerator(args, log_with: str | None = None) -> Accelerator:
     the shuffled order a function of seed and epoch, which resuming relies on.
     """
     return Accelerator(
+        cpu=_is_multi_process_cpu_launch(),
         mixed_precision=getattr(args, "mixed_precision", None),
         gradient_accumulation_steps=getattr(args, "grad_accum_steps", 1),
         log_with=log_with,
@@ -28,6 +31,14 @@ def build_accelerator(args, log_with: str | None = None) -> Accelerator:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=getattr(args, "dist_timeout", 60)))],
     )
+
+
+def _is_multi_process_cpu_launch() -> bool:
+    # accelerate launch --multi_gpu starts torchrun workers, but on a machine without a GPU
+    # they join one gloo process group only when told to use the CPU. Without this each
+    # worker would train alone and all of them would write to the same output folder.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return world_size > 1 and not torch.cuda.is_available()
 
 
 def effective_precision(accelerator: Accelerator) -> str:

@@ -85,7 +85,7 @@ def run_accelerate(script_args: list[str], num_processes: int = 2, extra_env: di
     }
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", "0",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         *script_args,
     ]
