@@ -175,8 +175,13 @@ def default_num_workers() -> int:
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int) -> DataLoader:
     """Build a DataLoader; training drops the last partial batch to keep BatchNorm stable.
 
-    The shuffled order comes from accelerate's seedable sampler after ``prepare``.
+    The shuffled order comes from accelerate's seedable sampler after ``prepare``, which
+    reseeds this generator every epoch. The loader's own random draws (worker base seeds)
+    then come from it too, not from the global torch RNG, so starting a loader in the
+    middle of an epoch on resume does not shift the dropout masks of later steps.
     """
+    generator = torch.Generator()
+    generator.manual_seed(0)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -185,6 +190,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        generator=generator,
     )
 
 
