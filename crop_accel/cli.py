@@ -21,10 +21,10 @@ from crop_accel.inference import (
     run_predict,
 )
 from crop_accel.model import ModelError
-from crop_accel.options import add_train_arguments
+from crop_accel.options import add_lr_find_arguments, add_train_arguments
 from crop_accel.scan import DataError
 
-SUBCOMMANDS = ("train", "evaluate", "predict", "check-data")
+SUBCOMMANDS = ("train", "lr-find", "evaluate", "predict", "check-data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(train)
     train.set_defaults(handler=_run_train)
+
+    lr_find = subcommands.add_parser(
+        "lr-find",
+        help="Run only the LR range test and report the suggested learning rate.",
+        description="Sweep the head learning rate exponentially with the discriminative ratios kept, "
+        "and write lr_finder.csv, lr_finder.png and lr_finder.json.",
+    )
+    add_lr_find_arguments(lr_find)
+    lr_find.set_defaults(handler=_run_lr_find)
 
     evaluate = subcommands.add_parser(
         "evaluate",
@@ -73,6 +82,12 @@ def _run_train(args, console: Console) -> int:
     from crop_accel.train import run_training
 
     return run_training(args, console)
+
+
+def _run_lr_find(args, console: Console) -> int:
+    from crop_accel.train import run_lr_find
+
+    return run_lr_find(args, console)
 
 
 def _run_check_data(args, console: Console) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from crop_accel.lr_auto import add_lr_finder_arguments
 from crop_accel.model import DEFAULT_LR_DIVISORS
 from crop_accel.tracking import add_tracking_arguments
 
@@ -109,6 +110,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``lr-find``: data, model and the sweep."""
+    add_model_arguments(parser)
+    parser.add_argument("--channels-last", action="store_true", help="Use channels_last memory format.")
+    parser.add_argument("--sync-bn", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", action="store_true", help="Log debug messages.")
+    add_lr_finder_arguments(parser)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every option of ``train``."""
     add_model_arguments(parser)
@@ -118,8 +128,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument(
         "--lr",
         type=parse_lr,
-        default=1e-3,
-        help="Maximum learning rate of the head; the other groups get lr / divisor (default: 1e-3).",
+        default="auto",
+        help="Maximum learning rate of the head; the other groups get lr / divisor. 'auto' runs an LR "
+        "range test on the main process first and trains with its suggestion (default: auto).",
     )
     optim.add_argument(
         "--schedule",
@@ -180,4 +191,5 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-worst", type=int, default=36, help="Images in the gallery of most confident errors (default: 36)."
     )
 
+    add_lr_finder_arguments(parser)
     add_tracking_arguments(parser)

@@ -15,6 +15,7 @@ from crop_accel.analysis import Analysis, analyze_predictions, print_analysis, w
 from crop_accel.console import epoch_table
 from crop_accel.engine import EpochStats, EvalOutput
 from crop_accel.export import atomic_write_json, save_model
+from crop_accel.lr_auto import report_sweep_cost
 from crop_accel.plots import plot_training_curves
 from crop_accel.records import History
 from crop_accel.tracking import RunTracking
@@ -29,7 +30,8 @@ class Reporter:
     """
 
     def __init__(self, accelerator, output_dir: Path, data, data_config: dict, model_name: str,
-                 tracking: RunTracking, history: History, console: Console, num_worst: int = 36):
+                 tracking: RunTracking, history: History, console: Console, run_config: dict,
+                 num_worst: int = 36):
         self.accelerator = accelerator
         self.output_dir = output_dir
         self.data = data
@@ -38,6 +40,7 @@ class Reporter:
         self.tracking = tracking
         self.history = history
         self.console = console
+        self.run_config = run_config
         self.num_worst = num_worst
         self.best_analysis: Analysis | None = None
         self.active = accelerator.is_main_process
@@ -76,6 +79,10 @@ class Reporter:
             self.best_analysis = analysis
         atomic_write_json(self.output_dir / "metrics.json", self.history.to_dict())
         self._plot_curves()
+        lr_finder = self.run_config.get("lr_finder")
+        if lr_finder is not None and "epoch_seconds" not in lr_finder:
+            report_sweep_cost(lr_finder, row["seconds"])
+            atomic_write_json(self.output_dir / "config.json", self.run_config)
 
         scalars = {f"epoch/{key}": value for key, value in row.items() if isinstance(value, (int, float))}
         self.tracking.log(scalars, step=step)

@@ -31,6 +31,7 @@ from crop_accel.console import CountProgress, TrainingProgress, setup_logging
 from crop_accel.datacheck import print_scan_summary
 from crop_accel.engine import evaluate, train_one_epoch
 from crop_accel.export import atomic_write_json
+from crop_accel.lr_auto import previous_head_lr, sweep_on_main
 from crop_accel.model import build_param_groups, create_model
 from crop_accel.records import History, build_run_config
 from crop_accel.reporting import Reporter, epoch_row
@@ -97,15 +98,11 @@ def default_output_dir(args) -> str | None:
     return str(path.parent.parent if path.parent.name == CHECKPOINT_DIR else path)
 
 
-def build_run(args, console: Console) -> Run:
-    """Set up accelerator, data, model, optimizer and schedule; load a checkpoint on --resume."""
-    accelerator = build_accelerator(args, log_with=log_with_for(resolve_wandb_mode(args.wandb_mode)))
-    setup_logging(console, accelerator.is_main_process, getattr(args, "verbose", False))
-    precision = effective_precision(accelerator)
-    set_seed(args.seed)
-    output_dir = resolve_output_dir(accelerator, default_output_dir(args), args.model)
+def load_model_and_data(args, accelerator: Accelerator, output_dir: Path, console: Console):
+    """Scan the folder, create the model and build the split datasets; return all three.
 
-    # The class list decides the head size, so the folder is scanned before the model is built.
+    The class list decides the head size, so the folder is scanned before the model is built.
+    """
     scan = share_from_main(accelerator, lambda: scan_image_folder(args.data_dir, cache_dir=output_dir))
     if accelerator.is_main_process:
         print_scan_summary(scan, console)
@@ -116,9 +113,47 @@ def build_run(args, console: Console) -> Run:
     if args.cache_images:
         with CountProgress(console, "decoding images into the cache", accelerator.is_main_process) as progress:
             data_lib.attach_image_cache(data, data_config, progress.update)
+    return model, data_config, data
 
+
+def resolve_head_lr(args, accelerator: Accelerator, model, data, output_dir: Path, console: Console):
+    """Return (head lr, LR range test summary or None) for ``--lr``.
+
+    With ``--lr auto`` the test runs on the main process, unless a resumed run already
+    recorded the lr it chose.
+    """
+    if args.lr != "auto":
+        return args.lr, None
+    if args.resume and previous_head_lr(output_dir) is not None:
+        head_lr = previous_head_lr(output_dir)
+        logger.info("Resuming with the lr chosen by the earlier LR range test: %.3g", head_lr)
+        return head_lr, None
+    summary = sweep_on_main(accelerator, args, model, data.train_set, output_dir, console)
+    check_same_on_all_processes(accelerator, summary["suggestion"])
+    return summary["suggestion"], summary
+
+
+def check_same_on_all_processes(accelerator: Accelerator, head_lr: float) -> None:
+    """Raise unless every process is about to train with ``head_lr``."""
+    if accelerator.num_processes == 1:
+        return
+    values = accelerator.gather(torch.tensor([head_lr], dtype=torch.float64, device=accelerator.device))
+    if not torch.all(values == values[0]):
+        raise RuntimeError(f"processes disagree on the head lr: {values.tolist()}")
+
+
+def build_run(args, console: Console) -> Run:
+    """Set up accelerator, data, model, optimizer and schedule; load a checkpoint on --resume."""
+    accelerator = build_accelerator(args, log_with=log_with_for(resolve_wandb_mode(args.wandb_mode)))
+    setup_logging(console, accelerator.is_main_process, getattr(args, "verbose", False))
+    precision = effective_precision(accelerator)
+    set_seed(args.seed)
+    output_dir = resolve_output_dir(accelerator, default_output_dir(args), args.model)
+
+    model, data_config, data = load_model_and_data(args, accelerator, output_dir, console)
     model = prepare_model(model, args, accelerator)
-    optimizer = torch.optim.Adam(build_param_groups(model, args.lr, args.lr_divisors))
+    head_lr, lr_finder = resolve_head_lr(args, accelerator, model, data, output_dir, console)
+    optimizer = torch.optim.Adam(build_param_groups(model, head_lr, args.lr_divisors))
     num_workers = args.num_workers if args.num_workers is not None else data_lib.default_num_workers()
     train_loader = data_lib.build_loader(data.train_set, args.batch_size, True, num_workers)
     val_loader = data_lib.build_loader(data.val_set, args.batch_size, False, num_workers)
@@ -131,7 +166,7 @@ def build_run(args, console: Console) -> Run:
     scheduler = accelerator.prepare(build_scheduler(optimizer, args.schedule, steps_per_epoch * args.epochs))
 
     state = TrainingState(
-        model=args.model, classes=scan.classes, num_processes=accelerator.num_processes,
+        model=args.model, classes=data.scan.classes, num_processes=accelerator.num_processes,
         epochs=args.epochs, schedule=args.schedule,
     )
     if args.resume:
@@ -142,14 +177,17 @@ def build_run(args, console: Console) -> Run:
         logger.info("Resumed from %s at epoch %d, batch %d", path, state.epoch, state.batches_done)
 
     run_config = build_run_config(args, accelerator, precision, data_config, optimizer, data)
+    run_config.update(lr=head_lr, lr_requested=args.lr, lr_finder=lr_finder)
     tracking = RunTracking.start(accelerator, args, run_config, output_dir, resume=bool(args.resume))
+    if lr_finder is not None:
+        tracking.log_lr_finder(lr_finder["csv"], lr_finder["png"], step=0)
     reporter = Reporter(
         accelerator, output_dir, data, data_config, args.model, tracking,
-        History.from_dict(state.history), console, args.num_worst,
+        History.from_dict(state.history), console, run_config, args.num_worst,
     )
     if accelerator.is_main_process:
         atomic_write_json(output_dir / "config.json", run_config)
-        data_lib.write_split_csv(output_dir / "split.csv", scan.samples, scan.classes, data.split)
+        data_lib.write_split_csv(output_dir / "split.csv", data.scan.samples, data.scan.classes, data.split)
         logger.info(
             "Training %s on %d process(es), %s precision, global batch %d, %d train / %d val images, output in %s",
             args.model, accelerator.num_processes, precision, run_config["global_batch_size"],
@@ -244,3 +282,23 @@ def run_training(args, console: Console | None = None) -> int:
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return code
+
+
+def run_lr_find(args, console: Console | None = None) -> int:
+    """The lr-find command: run only the LR range test and report its suggestion."""
+    console = console or Console()
+    accelerator = build_accelerator(args)
+    setup_logging(console, accelerator.is_main_process, getattr(args, "verbose", False))
+    set_seed(args.seed)
+    output_dir = resolve_output_dir(accelerator, args.output_dir, f"lr-find-{args.model}")
+    model, _, data = load_model_and_data(args, accelerator, output_dir, console)
+    model = prepare_model(model, args, accelerator)
+    summary = sweep_on_main(accelerator, args, model, data.train_set, output_dir, console)
+    if accelerator.is_main_process:
+        atomic_write_json(output_dir / "lr_finder.json", summary)
+        console.print(
+            f"Suggested head lr: [bold]{summary['suggestion']:.2e}[/] ({summary['rule']}); "
+            f"steepest descent at {summary['steepest_lr'] or float('nan'):.2e}, loss minimum at "
+            f"{summary['min_loss_lr']:.2e}. Curve: {summary['png']}"
+        )
+    return 0

@@ -138,3 +138,38 @@ def test_two_process_ddp_counts_each_val_image_once(tmp_path):
     # Only the main process logs and prints the summary.
     assert result.stdout.count("Training resnet18 on 2 process(es)") == 1
     assert result.stdout.count("Training summary") == 1
+
+
+def test_lr_auto_trains_with_suggestion(tmp_path, image_folder):
+    output_dir = tmp_path / "out"
+    args = tiny_train_args(image_folder, output_dir, "--epochs", "1", "--lr-find-steps", "12")
+    args[args.index("--lr") + 1] = "auto"
+    result = run_script(args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["lr_requested"] == "auto"
+    assert config["lr"] == config["lr_finder"]["suggestion"]
+    assert config["param_groups"][-1]["lr"] == pytest.approx(config["lr"])
+    assert config["lr_finder"]["epoch_seconds"] > 0
+    assert config["lr_finder"]["seconds"] > 0
+    assert (output_dir / "lr_finder.png").stat().st_size > 0
+    with open(output_dir / "lr_finder.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == config["lr_finder"]["num_steps_run"]
+    assert "LR range test took" in result.stdout
+
+
+@pytest.mark.ddp
+def test_two_process_lr_auto_shares_suggestion(tmp_path, image_folder):
+    output_dir = tmp_path / "out"
+    args = tiny_train_args(image_folder, output_dir, "--epochs", "1", "--lr-find-steps", "10")
+    args[args.index("--lr") + 1] = "auto"
+    result = run_accelerate([TRAIN_SCRIPT, *args])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["num_processes"] == 2
+    # Training checks that every process holds the same lr before building the optimizer.
+    assert config["lr"] == config["lr_finder"]["suggestion"]
+    assert result.stdout.count("LR range test: head lr") == 1
+    assert "suggested lr is not rescaled" in result.stdout
