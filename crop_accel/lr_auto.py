@@ -26,8 +26,8 @@ from crop_accel.lr_finder import (
     DEFAULT_START_LR,
     LRFinderResult,
     lr_range_test,
-    save_lr_finder_outputs,
 )
+from crop_accel.lr_finder_plot import save_lr_finder_outputs
 from crop_accel.model import build_param_groups
 from crop_accel.runtime import share_from_main
 

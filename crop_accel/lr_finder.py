@@ -8,19 +8,15 @@ sweep leaves no trace on the training run that follows.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list
-from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -149,50 +145,6 @@ def suggest_learning_rate(
     if steepest_lr is not None:
         return steepest_lr, steepest_lr, min_loss_lr, "steepest"
     return min_loss_lr / FALLBACK_DIVISOR, steepest_lr, min_loss_lr, "min_loss/10"
-
-
-def save_lr_finder_outputs(result: LRFinderResult, output_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``lr_finder.csv`` and ``lr_finder.png`` into ``output_dir`` and return their paths."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = output_dir / "lr_finder.csv"
-    png_path = output_dir / "lr_finder.png"
-
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["lr", "loss", "smoothed_loss"])
-        writer.writerows(zip(result.lrs, result.losses, result.smoothed_losses))
-
-    # A bare Figure renders with Agg without touching pyplot's global backend.
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
-    axes = figure.add_subplot()
-    axes.plot(result.lrs, result.losses, color="tab:blue", alpha=0.35, label="loss")
-    axes.plot(result.lrs, result.smoothed_losses, color="tab:blue", label="smoothed loss")
-    axes.axvline(result.suggestion, color="tab:green", linestyle="--",
-                 label=f"suggestion ({result.rule}): {result.suggestion:.2e}")
-    min_index = result.lrs.index(result.min_loss_lr)
-    axes.plot([result.min_loss_lr], [result.smoothed_losses[min_index]], "o", color="tab:red",
-              label=f"min smoothed loss at lr {result.min_loss_lr:.2e}")
-    axes.set_xscale("log")
-    # Raw spikes after divergence would flatten the interesting part of the curve.
-    axes.set_ylim(min(result.losses) * 0.95, max(result.smoothed_losses) * 1.1)
-    axes.set_xlabel("head learning rate")
-    axes.set_ylabel("training loss")
-    axes.set_title(f"LR range test: {result.num_steps_run} steps, batch {result.batch_size}")
-    axes.legend()
-    figure.savefig(png_path, dpi=120)
-    return csv_path, png_path
-
-
-def broadcast_from_main(accelerator, value: Any) -> Any:
-    """Send ``value`` from the main process to every process and return it there.
-
-    Other processes block until the main process arrives, so a long sweep needs a
-    process-group timeout longer than the sweep (``InitProcessGroupKwargs(timeout=...)``).
-    """
-    payload = [value if accelerator.is_main_process else None]
-    broadcast_object_list(payload, from_process=0)
-    return payload[0]
 
 
 @dataclass
