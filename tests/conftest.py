@@ -36,6 +36,13 @@ def write_pattern_image(path: Path, colour: tuple[int, int, int], rng: np.random
     image.save(path)
 
 
+def make_photo(seed: int, colour=(60, 140, 50), size=(240, 160)) -> Image.Image:
+    """Return a smooth random image around ``colour``: blobs like foliage, soil and sky."""
+    rng = np.random.default_rng(seed)
+    coarse = np.clip(np.array(colour) + rng.normal(0, 50, (6, 9, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+
+
 def make_image_folder(root: Path, num_classes: int = 3, per_class: int = 12, size: int = 48, seed: int = 0) -> Path:
     """Create an ImageFolder of learnable colour classes under ``root`` and return it."""
     rng = np.random.default_rng(seed)

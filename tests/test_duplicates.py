@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import random
 
-import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import make_photo
 from crop_accel.duplicates import (
     DEFAULT_NEAR_DUPLICATE_THRESHOLD,
     difference_hash,
@@ -17,12 +17,6 @@ from crop_accel.duplicates import (
     hash_distance,
 )
 
-
-def make_photo(seed: int, colour=(60, 140, 50), size=(240, 160)) -> Image.Image:
-    """Return a smooth random image around ``colour``: blobs like foliage, soil and sky."""
-    rng = np.random.default_rng(seed)
-    coarse = np.clip(np.array(colour) + rng.normal(0, 50, (6, 9, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
 
 
 def reencode(image: Image.Image, quality: int) -> Image.Image:

@@ -23,7 +23,7 @@ from accelerate.commands.config.config_args import ClusterConfig, load_config_fr
 from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
 
-from conftest import make_image_folder
+from conftest import make_image_folder, tiny_train_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "accelerate_configs"
@@ -411,18 +411,7 @@ def training_environment(**variables: str) -> dict[str, str]:
 
 
 def tiny_training_args(data_dir: Path, output_dir: Path) -> list[str]:
-    return [
-        "--data-dir", str(data_dir),
-        "--output-dir", str(output_dir),
-        "--model", "resnet18",
-        "--no-pretrained",
-        "--image-size", "32",
-        "--epochs", "1",
-        "--batch-size", "4",
-        "--num-workers", "0",
-        "--wandb-mode", "disabled",
-    ]
-
+    return tiny_train_args(data_dir, output_dir, "--epochs", "1", "--wandb-mode", "disabled")
 
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:

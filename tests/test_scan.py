@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from crop_accel.images import ImageLoadError, load_rgb
+from conftest import make_photo as make_conftest_photo
 from crop_accel.scan import (
     CACHE_FILE_NAME,
     DataError,
@@ -26,11 +27,8 @@ from crop_accel.scan import (
 
 
 def make_photo(seed: int, colour=(60, 140, 50), size=(120, 90)) -> Image.Image:
-    """Return a smooth random image around ``colour``."""
-    rng = np.random.default_rng(seed)
-    coarse = np.clip(np.array(colour) + rng.normal(0, 50, (6, 9, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
-
+    """Return a smooth random image around ``colour``, smaller than conftest's default."""
+    return make_conftest_photo(seed, colour, size)
 
 def make_folder(root: Path, classes=("maize", "rice"), per_class: int = 3) -> Path:
     for class_index, name in enumerate(classes):
