@@ -40,7 +40,7 @@ def split_train_val(
     """Split samples per class into train and validation, keeping each group on one side.
 
     Per class, the groups are shuffled with ``seed`` and moved to validation until it
-    holds round(class size x val_fraction) images, at least one. A group never
+    contains round(class size x val_fraction) images, at least one. A group never
     straddles the split, so copies of one photo cannot leak into validation. The last
     group of a class always stays in train. A class that is a single group therefore
     has no validation images, and a warning names it. A group whose images carry
@@ -99,7 +99,7 @@ class ImageFolderDataset(Dataset):
 
     The index lets evaluation map gathered predictions back to file paths. With
     ``seed``, the random augmentation of an image depends only on (seed, epoch, index),
-    not on which worker loads it or when. A resumed run therefore sees the same
+    not on which worker loads it or when. A resumed run therefore gets the same
     augmented batches as an uninterrupted one, whatever the number of workers.
     """
 

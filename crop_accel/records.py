@@ -1,4 +1,4 @@
-"""What a run records about itself: the resolved config and the per-epoch history."""
+"""Run records: the resolved config and the per-epoch metrics history."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the main process reports after each step and epoch: files, console and W&B.
+"""Reports of the main process after each step and epoch: files, console and W&B.
 
 Every file is rewritten whole after each epoch through a temporary name, so a run
 killed at any point leaves the outputs of its last finished epoch intact.

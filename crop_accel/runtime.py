@@ -35,7 +35,7 @@ def build_accelerator(args, log_with: str | None = None) -> Accelerator:
 
 def _is_multi_process_cpu_launch() -> bool:
     # accelerate launch --multi_gpu starts torchrun workers, but on a machine without a GPU
-    # they join one gloo process group only when told to use the CPU. Without this each
+    # they join one gloo process group only when configured for the CPU. Without this each
     # worker would train alone and all of them would write to the same output folder.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return world_size > 1 and not torch.cuda.is_available()

@@ -285,7 +285,7 @@ def run_training(args, console: Console | None = None) -> int:
 
 
 def run_lr_find(args, console: Console | None = None) -> int:
-    """The lr-find command: run only the LR range test and report its suggestion."""
+    """Run only the LR range test and report its suggestion (the lr-find command)."""
     console = console or Console()
     accelerator = build_accelerator(args)
     setup_logging(console, accelerator.is_main_process, getattr(args, "verbose", False))
