@@ -247,6 +247,8 @@ def fit(run: Run) -> int:
         for epoch in range(state.epoch, args.epochs + 1):
             state.epoch = epoch
             progress.start_epoch(epoch, first_batch=state.batches_done)
+            # NOTE: after a resume inside an epoch, that epoch's train_loss and train_acc cover
+            # only the batches trained since the resume; weights and validation are exact.
             train_stats = train_one_epoch(
                 accelerator, run.model, epoch_loader(run, epoch), run.optimizer, run.scheduler,
                 args.max_grad_norm, after_batch, lambda: run.stop.should_stop(accelerator), state.batches_done,
