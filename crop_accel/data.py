@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import random
+import signal
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,18 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         generator=generator,
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Make a loader worker ignore SIGTERM and SIGINT.
+
+    Schedulers signal the whole process group. The training process then finishes its
+    step and checkpoints, which needs its workers alive. They end with it.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass

@@ -23,8 +23,9 @@ from crop_accel.data import ImageFolderDataset, build_loader, default_num_worker
 from crop_accel.engine import evaluate
 from crop_accel.export import atomic_write_json, load_model
 from crop_accel.images import ImageLoadError, load_rgb
+from crop_accel.options import positive_int
 from crop_accel.runtime import build_accelerator, share_from_main
-from crop_accel.scan import DataError, list_class_files, scan_image_folder, validate_for_training
+from crop_accel.scan import DataError, list_class_files, scan_image_folder
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("inputs", nargs="+", help="Image files or folders (searched recursively).")
     parser.add_argument("--output", required=True, help="CSV file to write, one row per image.")
-    parser.add_argument("--top-k", type=int, default=3, help="Classes listed per image, most probable first (default: 3).")
+    parser.add_argument("--top-k", type=positive_int, default=3, help="Classes listed per image, most probable first (default: 3).")
 
 
 def _eval_transform(data_config: dict):
@@ -62,7 +63,8 @@ def run_evaluate(args, console: Console) -> int:
     setup_logging(console, accelerator.is_main_process)
     bundle = load_model(args.model_dir)
     scan = share_from_main(accelerator, lambda: scan_image_folder(args.data_dir))
-    validate_for_training(scan)
+    if not scan.samples:
+        raise DataError(f"no readable images in {args.data_dir}; {len(scan.skipped)} files were skipped")
     if scan.classes != bundle.class_names:
         raise DataError(
             f"{args.data_dir} has classes {scan.classes}, but the model in {args.model_dir} was trained on "
@@ -120,7 +122,7 @@ def run_predict(args, console: Console) -> int:
     for path, reason in skipped:
         logger.warning("Skipping %s: %s", path, reason)
     if not images:
-        raise DataError(f"no readable images in {args.inputs}; {len(skipped)} files were skipped")
+        raise DataError(f"no readable images in {' '.join(args.inputs)}; {len(skipped)} file(s) were skipped")
 
     # Labels are unused; 0 keeps the batch layout of the training dataset.
     samples = [(os.path.abspath(path), 0) for path in images]
@@ -131,14 +133,16 @@ def run_predict(args, console: Console) -> int:
 
     if accelerator.is_main_process:
         write_predictions(Path(args.output), [str(images[i]) for i in output.indices], output.probs, bundle.class_names, args.top_k)
-        logger.info("Wrote predictions for %d images to %s (%d skipped)", len(images), args.output, len(skipped))
+        logger.info("Wrote predictions for %d image(s) to %s (%d skipped)", len(images), args.output, len(skipped))
     accelerator.wait_for_everyone()
     return 0
 
 
 def write_predictions(path: Path, image_paths: list[str], probs: np.ndarray, class_names: list[str], top_k: int) -> None:
     """Write path, then (class, probability) pairs for the ``top_k`` classes, sorted by path."""
-    top_k = max(1, min(top_k, len(class_names)))
+    if top_k > len(class_names):
+        logger.info("--top-k %d is more than the %d classes; listing all of them", top_k, len(class_names))
+    top_k = min(top_k, len(class_names))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
     header = ["path"]
     for rank in range(1, top_k + 1):

@@ -45,6 +45,10 @@ def create_model(
             raise ModelError(f"--pretrained-file {path} not found; pass a .safetensors or .pth state dict")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
 
+    if pretrained_file is not None and not pretrained:
+        raise ModelError(
+            f"--no-pretrained and --pretrained-file {pretrained_file} contradict each other; drop one of them"
+        )
     use_weights = pretrained or pretrained_file is not None
     try:
         return timm.create_model(name, pretrained=use_weights, **kwargs)
@@ -62,6 +66,18 @@ def create_model(
             f"downloading the pretrained weights of {name!r} failed: {_first_line(error)}. "
             "Pass --pretrained-file PATH with local weights, or --no-pretrained."
         ) from error
+
+
+def check_model_options(name: str, pretrained: bool, pretrained_file: str | Path | None) -> None:
+    """Raise ModelError for a wrong model name or weights path before any data is read."""
+    if not timm.is_model(name):
+        create_model(name, num_classes=1, pretrained=False)
+    if pretrained_file is not None and not Path(pretrained_file).is_file():
+        raise ModelError(f"--pretrained-file {pretrained_file} not found; pass a .safetensors or .pth state dict")
+    if pretrained_file is not None and not pretrained:
+        raise ModelError(
+            f"--no-pretrained and --pretrained-file {pretrained_file} contradict each other; drop one of them"
+        )
 
 
 def spread_divisors(divisors: list[float] | tuple[float, ...], num_groups: int) -> list[float]:

@@ -50,7 +50,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--output-dir",
         default=None,
-        help="Folder for config, metrics, checkpoints and the model (default: a new folder under runs/).",
+        help="Folder for everything the command writes: config, metrics, checkpoints and the model for train, "
+        "lr_finder.csv/.png/.json for lr-find (default: a new folder under runs/).",
     )
     data.add_argument(
         "--val-fraction", type=float, default=0.2, help="Share of each class held out for validation (default: 0.2)."
@@ -155,6 +156,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     checkpoints.add_argument(
         "--resume",
         nargs="?",
+        metavar="PATH",
         const="latest",
         default=None,
         help="Continue from the latest checkpoint in --output-dir, or from the checkpoint folder PATH. "

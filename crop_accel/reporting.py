@@ -122,5 +122,8 @@ def epoch_row(epoch: int, train_stats: EpochStats, evaluation: EvalOutput, optim
         "group_lrs": [group["lr"] for group in optimizer.param_groups],
         "seconds": train_stats.seconds + evaluation.seconds,
         "train_images_per_second": train_stats.images_per_second,
+        # Fewer than the loader's batches when the epoch was resumed from a mid-epoch checkpoint;
+        # train_loss and train_acc then cover only these batches.
+        "train_batches": train_stats.batches,
         "val_images": len(evaluation.targets),
     }

@@ -191,6 +191,11 @@ class RunTracking:
         if run.settings.mode in ("offline", "dryrun"):
             sync_dir = run.settings.sync_dir
             logger.info("W&B offline run %s is saved in %s; upload it with `wandb sync %s`", run.id, sync_dir, sync_dir)
+            # A resumed run writes a new offline folder for the same run id; all of them belong together.
+            parts = sorted(Path(sync_dir).parent.glob(f"offline-run-*-{run.id}"))
+            if len(parts) > 1:
+                pattern = Path(sync_dir).parent / f"offline-run-*-{run.id}"
+                logger.info("This run has %d offline parts from resumes; upload all with `wandb sync %s`", len(parts), pattern)
 
     def _upload_model(self, model_dir: Path, aliases: tuple[str, ...]) -> None:
         import wandb

@@ -32,7 +32,7 @@ from crop_accel.datacheck import print_scan_summary
 from crop_accel.engine import evaluate, train_one_epoch
 from crop_accel.export import atomic_write_json
 from crop_accel.lr_auto import previous_head_lr, sweep_on_main
-from crop_accel.model import build_param_groups, create_model
+from crop_accel.model import build_param_groups, check_model_options, create_model
 from crop_accel.records import History, build_run_config
 from crop_accel.reporting import Reporter, epoch_row
 from crop_accel.runtime import (
@@ -103,6 +103,7 @@ def load_model_and_data(args, accelerator: Accelerator, output_dir: Path, consol
 
     The class list decides the head size, so the folder is scanned before the model is built.
     """
+    check_model_options(args.model, args.pretrained, args.pretrained_file)
     scan = share_from_main(accelerator, lambda: scan_image_folder(args.data_dir, cache_dir=output_dir))
     if accelerator.is_main_process:
         print_scan_summary(scan, console)
@@ -189,7 +190,7 @@ def build_run(args, console: Console) -> Run:
         atomic_write_json(output_dir / "config.json", run_config)
         data_lib.write_split_csv(output_dir / "split.csv", data.scan.samples, data.scan.classes, data.split)
         logger.info(
-            "Training %s on %d process(es), %s precision, global batch %d, %d train / %d val images, output in %s",
+            "Training %s on %d process(es), mixed precision %s, global batch %d, %d train / %d val images, output in %s",
             args.model, accelerator.num_processes, precision, run_config["global_batch_size"],
             len(data.train_set), len(data.val_set), output_dir,
         )

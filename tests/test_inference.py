@@ -110,3 +110,22 @@ def test_predict_two_processes_lists_each_image_once(trained, tmp_path):
     paths = [row["path"] for row in read_predictions(predictions_csv)]
     assert len(paths) == len(set(paths))
     assert len(paths) == len(list(val_dir.rglob("*.*")))
+
+
+def test_evaluate_accepts_single_image_classes(trained, tmp_path):
+    output_dir, val_dir = trained
+    small = tmp_path / "small"
+    for class_dir in sorted(val_dir.iterdir()):
+        (small / class_dir.name).mkdir(parents=True)
+        first = sorted(class_dir.iterdir())[0]
+        shutil.copy(first, small / class_dir.name / first.name)
+    result = run_cli("evaluate", "--model-dir", str(output_dir), "--data-dir", str(small), "--output-dir", str(tmp_path / "e"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["num_samples"] == 3
+
+
+def test_predict_rejects_zero_top_k(trained, tmp_path):
+    output_dir, val_dir = trained
+    result = run_cli("predict", "--model-dir", str(output_dir), "--output", str(tmp_path / "p.csv"), "--top-k", "0", str(val_dir))
+    assert result.returncode == 2
+    assert "expected at least 1" in result.stderr

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from crop_accel.model import build_param_groups, create_model, spread_divisors
+from crop_accel.model import ModelError, build_param_groups, check_model_options, create_model, spread_divisors
 
 
 def test_resnet50_groups_get_exact_learning_rates():
@@ -54,3 +54,15 @@ def test_other_model_gets_stem_to_head_groups():
     assert groups[-1]["lr"] == pytest.approx(1e-2)
     assert "classifier" in groups[-1]["name"]
     assert all(a["lr"] < b["lr"] for a, b in zip(groups, groups[1:]))
+
+
+def test_pretrained_file_with_no_pretrained_is_error(tmp_path):
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"unused")
+    with pytest.raises(ModelError, match="contradict"):
+        check_model_options("resnet18", pretrained=False, pretrained_file=weights)
+
+
+def test_unknown_model_is_error_before_data():
+    with pytest.raises(ModelError, match="unknown timm model 'resnet5000'"):
+        check_model_options("resnet5000", pretrained=True, pretrained_file=None)

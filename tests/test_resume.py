@@ -1,6 +1,7 @@
 """Checkpoints and resume: a resumed run must end exactly where an uninterrupted one does."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -156,3 +157,24 @@ def test_two_process_checkpoint_resumes_in_two_processes(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same_weights(final_weights(straight_dir, int(steps[1][5:])), final_weights(resumed_dir, int(steps[1][5:])))
     assert val_metrics(resumed_dir) == val_metrics(straight_dir)
+
+
+def test_sigterm_to_process_group_with_workers(tmp_path):
+    # Schedulers signal every process of the job, loader workers included.
+    data_dir = make_image_folder(tmp_path / "data", per_class=40)
+    output_dir = tmp_path / "run"
+    command = [sys.executable, TRAIN_SCRIPT, *tiny_train_args(data_dir, output_dir, "--num-workers", "1")]
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "epoch 1/2 step" in line:
+            break
+    os.killpg(process.pid, signal.SIGTERM)
+    output = "".join(lines) + process.stdout.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output
+    assert output.count("Received SIGTERM") == 1
+    assert len(list((output_dir / "checkpoints").glob("step-*"))) == 1
