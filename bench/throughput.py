@@ -1,0 +1,398 @@
+"""Measure training throughput in images/s: model alone, training loop, evaluation, LR range test.
+
+The four measurements share one model, one optimizer with train's discriminative param
+groups, one Accelerator, and the same batch size, image size and torch thread count.
+The ratio of the training loop to the model alone is therefore the share of the model's
+speed that the data pipeline (decoding, augmentation, data loader) leaves. Run it as
+``python bench/throughput.py --data-dir DIR ...``, or for a GPU under ``accelerate launch``
+with one process. docs/benchmarks.md has the commands and measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import accelerate
+import timm
+import torch
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.table import Table
+
+from crop_accel import data as data_lib
+from crop_accel.console import TrainingProgress, setup_logging
+from crop_accel.engine import evaluate, train_one_epoch
+from crop_accel.export import atomic_write_json
+from crop_accel.lr_finder import MIN_DESCENT_POINTS, lr_range_test
+from crop_accel.model import ModelError, build_param_groups, create_model
+from crop_accel.options import add_model_arguments, positive_int
+from crop_accel.runtime import build_accelerator, effective_precision
+from crop_accel.scan import DataError, scan_image_folder, validate_for_training
+from crop_accel.train import build_scheduler
+
+logger = logging.getLogger("bench.throughput")
+
+# train's default head lr; the measured speed does not depend on it.
+HEAD_LR = 1e-3
+# (steps, repeats, warm-up batches) without and with --short.
+DEFAULT_SIZES, SHORT_SIZES = (5, 3, 2), (4, 3, 1)
+# The benchmark sweep only needs its steps to run. Learning rates this small keep the loss
+# from diverging within a few steps, which would end the sweep before the timed steps.
+SWEEP_START_LR, SWEEP_END_LR = 1e-7, 1e-5
+LABELS = {
+    "model_only": "model only (random tensors in memory)",
+    "train_loop": "training loop (real images, train_one_epoch)",
+    "evaluate": "evaluation (evaluate)",
+    "lr_range_test": "LR range test (lr_range_test)",
+}
+RATIO_KEY = "ratio_train_loop_to_model_only"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return train's data and model options plus the measurement options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--threads", type=positive_int, default=None,
+                       help="torch intra-op threads (default: torch's choice, which OMP_NUM_THREADS sets).")
+    bench.add_argument("--channels-last", action="store_true", help="Use the channels_last memory format, as in train.")
+    bench.add_argument("--steps", type=positive_int, default=None, help="Batches per timed repeat (default: 5; 4 with --short).")
+    bench.add_argument("--repeats", type=positive_int, default=None, help="Timed repeats; the median is reported (default: 3, also with --short).")
+    bench.add_argument("--warmup", type=positive_int, default=None, help="Untimed batches before the first timed window of each measurement (default: 2; 1 with --short).")
+    bench.add_argument("--short", action="store_true", help="Short measurement for tests and quick checks (4 batches x 3 repeats, 1 warm-up batch).")
+    bench.add_argument("--output", type=Path, default=None,
+                       help="Write the JSON report to this file (default: OUTPUT_DIR/throughput.json with --output-dir, else none).")
+    bench.add_argument("--verbose", action="store_true", help="Log debug messages.")
+    return parser
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Measurement size: ``repeats`` timed windows of ``steps`` batches after ``warmup`` untimed batches."""
+
+    steps: int
+    repeats: int
+    warmup: int
+
+    @property
+    def batches(self) -> int:
+        return self.warmup + self.steps * self.repeats
+
+
+def resolve_sizes(args) -> Sizes:
+    """Return the sizes given as options, else the defaults of the mode (--short or not)."""
+    defaults = SHORT_SIZES if args.short else DEFAULT_SIZES
+    given = (args.steps, args.repeats, args.warmup)
+    return Sizes(*(value if value is not None else default for value, default in zip(given, defaults)))
+
+
+@dataclass
+class Bench:
+    """Model, optimizer, data and loaders shared by the measurements; ``prepare`` replaces them with prepared ones."""
+
+    accelerator: accelerate.Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data: data_lib.TrainingData
+    data_config: dict
+    batch_size: int
+    num_workers: int
+    cache_seconds: float | None
+    scheduler: object = None
+    train_loader: object = None
+    val_loader: object = None
+
+
+def set_up(args) -> Bench:
+    """Build the Accelerator, model, param groups and datasets the way ``train`` does."""
+    if not Path(args.data_dir).is_dir():
+        raise DataError(f"--data-dir {args.data_dir} is not a folder; pass an ImageFolder root")
+    accelerator = build_accelerator(args)
+    if accelerator.num_processes > 1:
+        raise ValueError(
+            f"the benchmark measures one process, not {accelerator.num_processes}; "
+            "start it with accelerate launch --num_processes 1"
+        )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+
+    scan = scan_image_folder(args.data_dir)
+    validate_for_training(scan)
+    model = create_model(args.model, len(scan.classes), args.pretrained, args.pretrained_file)
+    data_config = data_lib.resolve_data_config(model, args.image_size)
+    data = data_lib.build_training_data(scan, data_config, args.val_fraction, args.seed, args.group_duplicates)
+    cache_seconds = None
+    if args.cache_images:
+        started = time.perf_counter()
+        data_lib.attach_image_cache(data, data_config)
+        cache_seconds = time.perf_counter() - started
+
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(accelerator.device)
+    optimizer = torch.optim.Adam(build_param_groups(model, HEAD_LR, args.lr_divisors))
+    num_workers = args.num_workers if args.num_workers is not None else data_lib.default_num_workers()
+    return Bench(accelerator, model, optimizer, data, data_config, args.batch_size, num_workers, cache_seconds)
+
+
+def prepare(bench: Bench) -> Bench:
+    """Build both loaders and pass everything through ``accelerator.prepare``, as ``train`` does."""
+    train_loader = data_lib.build_loader(bench.data.train_set, bench.batch_size, True, bench.num_workers)
+    val_loader = data_lib.build_loader(bench.data.val_set, bench.batch_size, False, bench.num_workers)
+    model, optimizer, train_loader, val_loader = bench.accelerator.prepare(
+        bench.model, bench.optimizer, train_loader, val_loader
+    )
+    scheduler = bench.accelerator.prepare(build_scheduler(optimizer, "constant", 1))
+    return replace(
+        bench, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader
+    )
+
+
+def window_rates(stamps: list[tuple[float, int]], windows: list[range]) -> list[float]:
+    """Return the images/s of each window of batch indices from the (end time, images) of every batch.
+
+    A window starts when the batch before it ends, so each timed batch's loading and
+    compute fall inside its window. Index 0 is therefore never the start of a window.
+    """
+    needed = max(window.stop for window in windows)
+    if len(stamps) < needed:
+        raise RuntimeError(f"only {len(stamps)} of the {needed} batches of the measurement ran")
+    rates = []
+    for window in windows:
+        seconds = stamps[window.stop - 1][0] - stamps[window.start - 1][0]
+        images = sum(stamps[index][1] for index in window)
+        rates.append(images / seconds)
+    return rates
+
+
+def sequential_windows(sizes: Sizes) -> list[range]:
+    """Return the windows of ``repeats`` x ``steps`` consecutive batches after ``warmup`` batches."""
+    return [range(sizes.warmup + repeat * sizes.steps, sizes.warmup + (repeat + 1) * sizes.steps) for repeat in range(sizes.repeats)]
+
+
+def interleaved_schedule(sizes: Sizes, switch_batches: int) -> tuple[list[str], dict[str, list[range]]]:
+    """Return the source of every batch and the timed windows of each source.
+
+    Every repeat times ``steps`` random batches and then ``steps`` loader batches, so a
+    change in background load hits both halves of a pair alike. ``switch_batches``
+    untimed batches precede each window after the first, because the loader's workers
+    keep prefetching during the random-batch window and would start the next one ahead.
+    """
+    sources: list[str] = []
+    windows: dict[str, list[range]] = {"model_only": [], "train_loop": []}
+    for repeat in range(sizes.repeats):
+        for name in windows:
+            sources += [name] * (max(sizes.warmup, switch_batches) if repeat == 0 else switch_batches)
+            windows[name].append(range(len(sources), len(sources) + sizes.steps))
+            sources += [name] * sizes.steps
+    return sources, windows
+
+
+def random_batches(bench: Bench) -> list[tuple[torch.Tensor, ...]]:
+    """Return two batches of random images, labels and indices, already on the device."""
+    channels, height, width = bench.data_config["input_size"]
+    num_classes = len(bench.data.scan.classes)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        images = torch.randn(bench.batch_size, channels, height, width, generator=generator)
+        targets = torch.randint(num_classes, (bench.batch_size,), generator=generator)
+        indices = torch.arange(bench.batch_size)
+        batches.append(tuple(tensor.to(bench.accelerator.device) for tensor in (images, targets, indices)))
+    return batches
+
+
+def loader_epochs(loader):
+    """Yield the batches of ``loader`` epoch after epoch, setting each epoch as train's loop does."""
+    epoch = 0
+    while True:
+        epoch += 1
+        loader.set_epoch(epoch)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise DataError("the training loader yielded no batches; check that --data-dir has training images")
+
+
+def scheduled_batches(sources: list[str], in_memory: list, loader):
+    """Yield an in-memory batch or the next loader batch for each entry of ``sources``."""
+    real_batches = loader_epochs(loader)
+    for index, source in enumerate(sources):
+        yield in_memory[index % len(in_memory)] if source == "model_only" else next(real_batches)
+    real_batches.close()
+
+
+def measure_training(bench: Bench, sizes: Sizes, console: Console) -> dict[str, list[float]]:
+    """Time train_one_epoch on random in-memory batches and on the prepared loader, interleaved.
+
+    Both sources go through the same train_one_epoch call with train's progress bar as
+    the batch callback, so the two rates differ only by the data pipeline.
+    """
+    # DataLoader prefetches prefetch_factor (default 2) batches per worker.
+    sources, windows = interleaved_schedule(sizes, switch_batches=2 * bench.num_workers)
+    stamps: list[tuple[float, int]] = []
+    with TrainingProgress(console, epochs=1, steps_per_epoch=len(sources)) as progress:
+
+        def record(batch_index: int, loss: float, accuracy: float, images: int) -> None:
+            progress.update_batch(batch_index, loss, accuracy, images)
+            stamps.append((time.perf_counter(), images))
+
+        progress.start_epoch(1)
+        batches = scheduled_batches(sources, random_batches(bench), bench.train_loader)
+        train_one_epoch(bench.accelerator, bench.model, batches, bench.optimizer, bench.scheduler, None, record)
+    return {name: window_rates(stamps, windows[name]) for name in windows}
+
+
+def measure_evaluate(bench: Bench, sizes: Sizes) -> list[float]:
+    """Time ``repeats`` passes of evaluate over the validation set, after one untimed pass."""
+    evaluate(bench.accelerator, bench.model, bench.val_loader)
+    rates = []
+    for _ in range(sizes.repeats):
+        output = evaluate(bench.accelerator, bench.model, bench.val_loader)
+        rates.append(len(output.targets) / output.seconds)
+    return rates
+
+
+def measure_lr_range_test(bench: Bench, sizes: Sizes) -> list[float]:
+    """Time the steps of one lr_range_test sweep on a plain loader over the training images.
+
+    The sweep must run before ``prepare``. Its snapshot and restore of the model happen
+    once per sweep, outside the timed windows.
+    """
+    loader = data_lib.build_loader(bench.data.train_set, bench.batch_size, True, bench.num_workers)
+    step_ends: list[float] = []
+    result = lr_range_test(
+        bench.model, bench.optimizer, loader, torch.nn.functional.cross_entropy, bench.accelerator,
+        start_lr=SWEEP_START_LR, end_lr=SWEEP_END_LR, num_steps=max(2 * MIN_DESCENT_POINTS, sizes.batches),
+        progress=lambda *_: step_ends.append(time.perf_counter()),
+    )
+    if result.stopped_early:
+        raise RuntimeError(f"the LR range test stopped before the timed steps ended: {result.stopped_early}")
+    return window_rates([(end, result.batch_size) for end in step_ends], sequential_windows(sizes))
+
+
+def read_cpu_model() -> str:
+    """Return the "model name" of /proc/cpuinfo, else what the platform module reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def read_load_average() -> list[float] | None:
+    """Return the 1, 5 and 15 minute load averages, or None where /proc/loadavg is missing."""
+    try:
+        return [float(value) for value in Path("/proc/loadavg").read_text(encoding="ascii").split()[:3]]
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    try:
+        usable_cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable_cores = os.cpu_count()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "cpu_model": read_cpu_model(), "cpu_cores": os.cpu_count(), "usable_cores": usable_cores,
+        "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "accelerate_version": accelerate.__version__, "timm_version": timm.__version__,
+        "python_version": platform.python_version(), "device": str(device), "gpu": gpu,
+    }
+
+
+def build_report(args, bench: Bench, sizes: Sizes, rates: dict[str, list[float]], load_before) -> dict:
+    """Collect machine, settings, data and the median images/s of each measurement with its repeats."""
+    measurements = {
+        name: {"images_per_second": statistics.median(rates[name]), "repeats_images_per_second": rates[name]}
+        for name in LABELS
+    }
+    machine = machine_info(bench.accelerator.device)
+    machine.update(load_average_before=load_before, load_average_after=read_load_average())
+    settings = {name: getattr(args, name) for name in ("model", "cache_images", "channels_last", "seed", "val_fraction")}
+    settings.update(
+        pretrained=bool(args.pretrained or args.pretrained_file), image_size=bench.data_config["input_size"][1],
+        batch_size=bench.batch_size, num_workers=bench.num_workers, torch_threads=torch.get_num_threads(),
+        mixed_precision=effective_precision(bench.accelerator), **asdict(sizes),
+        evaluate_repeat="one pass over the validation images",
+    )
+    data = {
+        "data_dir": str(args.data_dir), "classes": len(bench.data.scan.classes), "train_images": len(bench.data.train_set),
+        "val_images": len(bench.data.val_set), "cache_fill_seconds": bench.cache_seconds,
+    }
+    # Each repeat's loader window ran right after its random-batch window, so the ratio
+    # of a pair is less exposed to changes in background load than the ratio of medians.
+    ratios = [loop / model for loop, model in zip(rates["train_loop"], rates["model_only"])]
+    measurements["train_loop"]["repeats_ratio_to_model_only"] = ratios
+    return {
+        "machine": machine, "settings": settings, "data": data, "measurements": measurements,
+        RATIO_KEY: statistics.median(ratios),
+    }
+
+
+def print_report(console: Console, report: dict) -> None:
+    settings = report["settings"]
+    title = (
+        f"{settings['model']} at {settings['image_size']} px, batch {settings['batch_size']}, "
+        f"{settings['torch_threads']} torch threads, {settings['num_workers']} workers, "
+        f"cache {'on' if settings['cache_images'] else 'off'}, on {report['machine']['device']}"
+    )
+    table = Table(title=title)
+    for column, justify in (("measurement", "left"), ("images/s (median)", "right"), ("repeats (images/s)", "right")):
+        table.add_column(column, justify=justify)
+    for name, label in LABELS.items():
+        values = report["measurements"][name]
+        repeats = ", ".join(f"{value:.1f}" for value in values["repeats_images_per_second"])
+        table.add_row(label, f"{values['images_per_second']:.1f}", repeats)
+    console.print(table)
+    console.print(f"training loop / model only: {report[RATIO_KEY]:.3f}", highlight=False)
+
+
+def run_benchmark(args, console: Console) -> dict:
+    """Set up once, then run the four measurements; the LR range test must come before ``prepare``."""
+    sizes = resolve_sizes(args)
+    load_before = read_load_average()
+    bench = set_up(args)
+    rates = {"lr_range_test": measure_lr_range_test(bench, sizes)}
+    bench = prepare(bench)
+    rates.update(measure_training(bench, sizes, console))
+    rates["evaluate"] = measure_evaluate(bench, sizes)
+    return build_report(args, bench, sizes, rates, load_before)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    setup_logging(console, is_main_process=True, verbose=args.verbose)
+    try:
+        report = run_benchmark(args, console)
+    except (DataError, ModelError, ValueError) as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+
+    print_report(console, report)
+    output = args.output or (Path(args.output_dir) / "throughput.json" if args.output_dir else None)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output, report)
+        logger.info("Wrote the report to %s", output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
