@@ -182,15 +182,18 @@ def sequential_windows(sizes: Sizes) -> list[range]:
 def interleaved_schedule(sizes: Sizes, switch_batches: int) -> tuple[list[str], dict[str, list[range]]]:
     """Return the source of every batch and the timed windows of each source.
 
-    Every repeat times ``steps`` random batches and then ``steps`` loader batches, so a
-    change in background load hits both halves of a pair alike. ``switch_batches``
-    untimed batches precede each window after the first, because the loader's workers
-    keep prefetching during the random-batch window and would start the next one ahead.
+    Every repeat times ``steps`` random batches and ``steps`` loader batches back to
+    back, so a change in background load hits both halves of a pair alike. The order
+    alternates between repeats (AB BA AB ...), so a steady drift in speed does not favour
+    one source. ``switch_batches`` untimed batches precede each window after the first,
+    because the loader's workers keep prefetching during a random-batch window and would
+    start the next loader window ahead.
     """
     sources: list[str] = []
     windows: dict[str, list[range]] = {"model_only": [], "train_loop": []}
     for repeat in range(sizes.repeats):
-        for name in windows:
+        order = list(windows) if repeat % 2 == 0 else list(windows)[::-1]
+        for name in order:
             sources += [name] * (max(sizes.warmup, switch_batches) if repeat == 0 else switch_batches)
             windows[name].append(range(len(sources), len(sources) + sizes.steps))
             sources += [name] * sizes.steps
@@ -303,6 +306,7 @@ def read_load_average() -> list[float] | None:
 
 
 def machine_info(device: torch.device) -> dict:
+    """Return the CPU, core counts, torch threads and library versions that the figures depend on."""
     try:
         usable_cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -335,8 +339,8 @@ def build_report(args, bench: Bench, sizes: Sizes, rates: dict[str, list[float]]
         "data_dir": str(args.data_dir), "classes": len(bench.data.scan.classes), "train_images": len(bench.data.train_set),
         "val_images": len(bench.data.val_set), "cache_fill_seconds": bench.cache_seconds,
     }
-    # Each repeat's loader window ran right after its random-batch window, so the ratio
-    # of a pair is less exposed to changes in background load than the ratio of medians.
+    # The two windows of a repeat ran back to back, so the ratio within a pair is less
+    # exposed to changes in background load than the ratio of the two medians.
     ratios = [loop / model for loop, model in zip(rates["train_loop"], rates["model_only"])]
     measurements["train_loop"]["repeats_ratio_to_model_only"] = ratios
     return {
@@ -346,6 +350,7 @@ def build_report(args, bench: Bench, sizes: Sizes, rates: dict[str, list[float]]
 
 
 def print_report(console: Console, report: dict) -> None:
+    """Print the measurements as a table, then the ratio and the load averages."""
     settings = report["settings"]
     title = (
         f"{settings['model']} at {settings['image_size']} px, batch {settings['batch_size']}, "
@@ -360,7 +365,13 @@ def print_report(console: Console, report: dict) -> None:
         repeats = ", ".join(f"{value:.1f}" for value in values["repeats_images_per_second"])
         table.add_row(label, f"{values['images_per_second']:.1f}", repeats)
     console.print(table)
-    console.print(f"training loop / model only: {report[RATIO_KEY]:.3f}", highlight=False)
+    pairs = ", ".join(f"{ratio:.3f}" for ratio in report["measurements"]["train_loop"]["repeats_ratio_to_model_only"])
+    console.print(f"training loop / model only: {report[RATIO_KEY]:.3f} (median of the repeats {pairs})", highlight=False)
+    machine = report["machine"]
+    console.print(
+        f"load average (1, 5, 15 min) before {machine['load_average_before']}, after {machine['load_average_after']}",
+        highlight=False,
+    )
 
 
 def run_benchmark(args, console: Console) -> dict:

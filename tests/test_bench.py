@@ -135,16 +135,17 @@ def test_window_rates_reject_short_run():
         bench.window_rates([(1.0, 4)] * 4, windows)
 
 
-def test_interleaved_schedule_pairs_windows():
+def test_interleaved_schedule_alternates_order():
     bench = load_bench_module()
-    sources, windows = bench.interleaved_schedule(bench.Sizes(steps=2, repeats=2, warmup=3), switch_batches=1)
+    sources, windows = bench.interleaved_schedule(bench.Sizes(steps=2, repeats=3, warmup=3), switch_batches=1)
     expected = (
         ["model_only"] * 5 + ["train_loop"] * 5  # first repeat: 3 warm-up batches, then 2 timed
-        + ["model_only"] * 3 + ["train_loop"] * 3  # later repeats: 1 switch batch, then 2 timed
+        + ["train_loop"] * 3 + ["model_only"] * 3  # later repeats: 1 switch batch, then 2 timed
+        + ["model_only"] * 3 + ["train_loop"] * 3
     )
     assert sources == expected
-    assert windows["model_only"] == [range(3, 5), range(11, 13)]
-    assert windows["train_loop"] == [range(8, 10), range(14, 16)]
+    assert windows["model_only"] == [range(3, 5), range(14, 16), range(17, 19)]
+    assert windows["train_loop"] == [range(8, 10), range(11, 13), range(20, 22)]
     for name, name_windows in windows.items():
         for window in name_windows:
             assert all(sources[index] == name for index in window), (name, window)
@@ -154,8 +155,8 @@ def test_interleaved_schedule_without_workers():
     bench = load_bench_module()
     sources, windows = bench.interleaved_schedule(bench.Sizes(steps=2, repeats=2, warmup=1), switch_batches=0)
     assert len(sources) == 2 * 1 + 4 * 2
-    assert windows["model_only"] == [range(1, 3), range(6, 8)]
-    assert windows["train_loop"] == [range(4, 6), range(8, 10)]
+    assert windows["model_only"] == [range(1, 3), range(8, 10)]
+    assert windows["train_loop"] == [range(4, 6), range(6, 8)]
 
 
 def test_short_mode_sizes():
