@@ -140,7 +140,7 @@ def set_up(args) -> Bench:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device)
     optimizer = torch.optim.Adam(build_param_groups(model, HEAD_LR, args.lr_divisors))
-    num_workers = args.num_workers if args.num_workers is not None else data_lib.default_num_workers()
+    num_workers = data_lib.resolve_num_workers(args.num_workers)
     return Bench(accelerator, model, optimizer, data, data_config, args.batch_size, num_workers, cache_seconds)
 
 

@@ -164,13 +164,20 @@ def build_transforms(data_config: dict):
     return train, evaluation
 
 
-def default_num_workers() -> int:
-    """Return the CPU cores this process may use, minus one for the training loop, up to 8."""
+def resolve_num_workers(requested: int | None) -> int:
+    """Return ``requested``, else this process's share of the usable CPU cores minus one, at most 8.
+
+    The cores are shared among the training processes of the node (``LOCAL_WORLD_SIZE``,
+    which ``accelerate launch`` sets), and each process keeps one core for its own loop.
+    """
+    if requested is not None:
+        return requested
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, cores // local_processes - 1))
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int) -> DataLoader:

@@ -19,11 +19,11 @@ from rich.console import Console
 
 from crop_accel.analysis import analyze_predictions, print_analysis, write_analysis
 from crop_accel.console import setup_logging
-from crop_accel.data import ImageFolderDataset, build_loader, default_num_workers
+from crop_accel.data import ImageFolderDataset, build_loader, resolve_num_workers
 from crop_accel.engine import evaluate
 from crop_accel.export import atomic_write_json, load_model
 from crop_accel.images import ImageLoadError, load_rgb
-from crop_accel.options import positive_int
+from crop_accel.options import NUM_WORKERS_HELP, non_negative_int, positive_int
 from crop_accel.runtime import build_accelerator, share_from_main
 from crop_accel.scan import DataError, list_class_files, scan_image_folder
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", required=True, help="Output dir of a training run (model.safetensors + model.json).")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per process per batch (default: 64).")
-    parser.add_argument("--num-workers", type=int, default=None, help="Data loader workers per process (default: CPU cores - 1, at most 8).")
+    parser.add_argument("--num-workers", type=non_negative_int, default=None, help=NUM_WORKERS_HELP)
     parser.add_argument(
         "--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="Mixed precision (default: accelerate's setting)."
     )
@@ -72,7 +72,7 @@ def run_evaluate(args, console: Console) -> int:
         )
 
     dataset = ImageFolderDataset(scan.data_dir, scan.samples, _eval_transform(bundle.data_config))
-    workers = args.num_workers if args.num_workers is not None else default_num_workers()
+    workers = resolve_num_workers(args.num_workers)
     model, loader = accelerator.prepare(bundle.model, build_loader(dataset, args.batch_size, False, workers))
     output = evaluate(accelerator, model, loader)
 
@@ -127,7 +127,7 @@ def run_predict(args, console: Console) -> int:
     # Labels are unused; 0 keeps the batch layout of the training dataset.
     samples = [(os.path.abspath(path), 0) for path in images]
     dataset = ImageFolderDataset("/", samples, _eval_transform(bundle.data_config))
-    workers = args.num_workers if args.num_workers is not None else default_num_workers()
+    workers = resolve_num_workers(args.num_workers)
     model, loader = accelerator.prepare(bundle.model, build_loader(dataset, args.batch_size, False, workers))
     output = evaluate(accelerator, model, loader)
 

@@ -33,14 +33,29 @@ def parse_divisors(text: str) -> tuple[float, ...]:
     return values
 
 
-def positive_int(text: str) -> int:
+NUM_WORKERS_HELP = (
+    "Data loader worker processes per training process; 0 loads in the training process "
+    "(default: the usable CPU cores divided among the node's training processes, minus 1, at most 8)."
+)
+
+
+def whole_number(text: str, minimum: int) -> int:
+    """Parse an integer option that must be at least ``minimum``."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected at least 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; expected at least {minimum}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return whole_number(text, 0)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,9 +85,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--num-workers",
-        type=int,
+        type=non_negative_int,
         default=None,
-        help="Data loader worker processes per training process (default: usable CPU cores - 1, at most 8).",
+        help=NUM_WORKERS_HELP,
     )
     data.add_argument(
         "--cache-images",

@@ -155,7 +155,7 @@ def build_run(args, console: Console) -> Run:
     model = prepare_model(model, args, accelerator)
     head_lr, lr_finder = resolve_head_lr(args, accelerator, model, data, output_dir, console)
     optimizer = torch.optim.Adam(build_param_groups(model, head_lr, args.lr_divisors))
-    num_workers = args.num_workers if args.num_workers is not None else data_lib.default_num_workers()
+    num_workers = data_lib.resolve_num_workers(args.num_workers)
     train_loader = data_lib.build_loader(data.train_set, args.batch_size, True, num_workers)
     val_loader = data_lib.build_loader(data.val_set, args.batch_size, False, num_workers)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
