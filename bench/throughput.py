@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import accelerate
-import timm
 import torch
 from accelerate.utils import set_seed
 from rich.console import Console
-from rich.table import Table
 
 from crop_accel import data as data_lib
 from crop_accel.console import TrainingProgress, setup_logging
@@ -38,6 +33,10 @@ from crop_accel.runtime import build_accelerator, effective_precision
 from crop_accel.scan import DataError, scan_image_folder, validate_for_training
 from crop_accel.train import build_scheduler
 
+# bench/ is a folder of scripts; Python puts it on sys.path when it runs one of them.
+from bench_report import build_report, print_report, read_load_average
+from timed_windows import Sizes, interleaved_schedule, sequential_windows, window_rates
+
 logger = logging.getLogger("bench.throughput")
 
 # train's default head lr; the measured speed does not depend on it.
@@ -47,14 +46,6 @@ DEFAULT_SIZES, SHORT_SIZES = (5, 3, 2), (4, 3, 1)
 # The benchmark sweep only needs its steps to run. Learning rates this small keep the loss
 # from diverging within a few steps, which would end the sweep before the timed steps.
 SWEEP_START_LR, SWEEP_END_LR = 1e-7, 1e-5
-LABELS = {
-    "model_only": "model only (random tensors in memory)",
-    "train_loop": "training loop (real images, train_one_epoch)",
-    "evaluate": "evaluation (evaluate)",
-    "lr_range_test": "LR range test (lr_range_test)",
-}
-RATIO_KEY = "ratio_train_loop_to_model_only"
-
 
 def build_parser() -> argparse.ArgumentParser:
     """Return train's data and model options plus the measurement options."""
@@ -72,19 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Write the JSON report to this file (default: OUTPUT_DIR/throughput.json with --output-dir, else none).")
     bench.add_argument("--verbose", action="store_true", help="Log debug messages.")
     return parser
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Measurement size: ``repeats`` timed windows of ``steps`` batches after ``warmup`` untimed batches."""
-
-    steps: int
-    repeats: int
-    warmup: int
-
-    @property
-    def batches(self) -> int:
-        return self.warmup + self.steps * self.repeats
 
 
 def resolve_sizes(args) -> Sizes:
@@ -157,49 +135,6 @@ def prepare(bench: Bench) -> Bench:
     )
 
 
-def window_rates(stamps: list[tuple[float, int]], windows: list[range]) -> list[float]:
-    """Return the images/s of each window of batch indices from the (end time, images) of every batch.
-
-    A window starts when the batch before it ends, so each timed batch's loading and
-    compute fall inside its window. Index 0 is therefore never the start of a window.
-    """
-    needed = max(window.stop for window in windows)
-    if len(stamps) < needed:
-        raise RuntimeError(f"only {len(stamps)} of the {needed} batches of the measurement ran")
-    rates = []
-    for window in windows:
-        seconds = stamps[window.stop - 1][0] - stamps[window.start - 1][0]
-        images = sum(stamps[index][1] for index in window)
-        rates.append(images / seconds)
-    return rates
-
-
-def sequential_windows(sizes: Sizes) -> list[range]:
-    """Return the windows of ``repeats`` x ``steps`` consecutive batches after ``warmup`` batches."""
-    return [range(sizes.warmup + repeat * sizes.steps, sizes.warmup + (repeat + 1) * sizes.steps) for repeat in range(sizes.repeats)]
-
-
-def interleaved_schedule(sizes: Sizes, switch_batches: int) -> tuple[list[str], dict[str, list[range]]]:
-    """Return the source of every batch and the timed windows of each source.
-
-    Every repeat times ``steps`` random batches and ``steps`` loader batches back to
-    back, so a change in background load hits both halves of a pair alike. The order
-    alternates between repeats (AB BA AB ...), so a steady drift in speed does not favour
-    one source. ``switch_batches`` untimed batches precede each window after the first,
-    because the loader's workers keep prefetching during a random-batch window and would
-    start the next loader window ahead.
-    """
-    sources: list[str] = []
-    windows: dict[str, list[range]] = {"model_only": [], "train_loop": []}
-    for repeat in range(sizes.repeats):
-        order = list(windows) if repeat % 2 == 0 else list(windows)[::-1]
-        for name in order:
-            sources += [name] * (max(sizes.warmup, switch_batches) if repeat == 0 else switch_batches)
-            windows[name].append(range(len(sources), len(sources) + sizes.steps))
-            sources += [name] * sizes.steps
-    return sources, windows
-
-
 def random_batches(bench: Bench) -> list[tuple[torch.Tensor, ...]]:
     """Return two batches of random images, labels and indices, already on the device."""
     channels, height, width = bench.data_config["input_size"]
@@ -257,6 +192,17 @@ def measure_training(bench: Bench, sizes: Sizes, console: Console) -> dict[str, 
     return {name: window_rates(stamps, windows[name]) for name in windows}
 
 
+def measure_loader(bench: Bench, sizes: Sizes) -> list[float]:
+    """Time the training loader alone: the most images/s the data pipeline can feed the model."""
+    stamps = []
+    batches = loader_epochs(bench.train_loader)
+    for _ in range(sizes.batches):
+        images = len(next(batches)[0])
+        stamps.append((time.perf_counter(), images))
+    batches.close()
+    return window_rates(stamps, sequential_windows(sizes))
+
+
 def measure_evaluate(bench: Bench, sizes: Sizes) -> list[float]:
     """Time ``repeats`` passes of evaluate over the validation set, after one untimed pass."""
     evaluate(bench.accelerator, bench.model, bench.val_loader)
@@ -285,49 +231,8 @@ def measure_lr_range_test(bench: Bench, sizes: Sizes) -> list[float]:
     return window_rates([(end, result.batch_size) for end in step_ends], sequential_windows(sizes))
 
 
-def read_cpu_model() -> str:
-    """Return the "model name" of /proc/cpuinfo, else what the platform module reports."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def read_load_average() -> list[float] | None:
-    """Return the 1, 5 and 15 minute load averages, or None where /proc/loadavg is missing."""
-    try:
-        return [float(value) for value in Path("/proc/loadavg").read_text(encoding="ascii").split()[:3]]
-    except OSError:
-        return None
-
-
-def machine_info(device: torch.device) -> dict:
-    """Return the CPU, core counts, torch threads and library versions that the figures depend on."""
-    try:
-        usable_cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable_cores = os.cpu_count()
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {
-        "cpu_model": read_cpu_model(), "cpu_cores": os.cpu_count(), "usable_cores": usable_cores,
-        "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-        "accelerate_version": accelerate.__version__, "timm_version": timm.__version__,
-        "python_version": platform.python_version(), "device": str(device), "gpu": gpu,
-    }
-
-
-def build_report(args, bench: Bench, sizes: Sizes, rates: dict[str, list[float]], load_before) -> dict:
-    """Collect machine, settings, data and the median images/s of each measurement with its repeats."""
-    measurements = {
-        name: {"images_per_second": statistics.median(rates[name]), "repeats_images_per_second": rates[name]}
-        for name in LABELS
-    }
-    machine = machine_info(bench.accelerator.device)
-    machine.update(load_average_before=load_before, load_average_after=read_load_average())
+def describe_settings(args, bench: Bench, sizes: Sizes) -> dict:
+    """Return every setting the figures depend on, for the report."""
     settings = {name: getattr(args, name) for name in ("model", "cache_images", "channels_last", "seed", "val_fraction")}
     settings.update(
         pretrained=bool(args.pretrained or args.pretrained_file), image_size=bench.data_config["input_size"][1],
@@ -335,43 +240,15 @@ def build_report(args, bench: Bench, sizes: Sizes, rates: dict[str, list[float]]
         mixed_precision=effective_precision(bench.accelerator), **asdict(sizes),
         evaluate_repeat="one pass over the validation images",
     )
-    data = {
+    return settings
+
+
+def describe_data(args, bench: Bench) -> dict:
+    """Return the image folder, its split and how long the image cache took to fill."""
+    return {
         "data_dir": str(args.data_dir), "classes": len(bench.data.scan.classes), "train_images": len(bench.data.train_set),
         "val_images": len(bench.data.val_set), "cache_fill_seconds": bench.cache_seconds,
     }
-    # The two windows of a repeat ran back to back, so the ratio within a pair is less
-    # exposed to changes in background load than the ratio of the two medians.
-    ratios = [loop / model for loop, model in zip(rates["train_loop"], rates["model_only"])]
-    measurements["train_loop"]["repeats_ratio_to_model_only"] = ratios
-    return {
-        "machine": machine, "settings": settings, "data": data, "measurements": measurements,
-        RATIO_KEY: statistics.median(ratios),
-    }
-
-
-def print_report(console: Console, report: dict) -> None:
-    """Print the measurements as a table, then the ratio and the load averages."""
-    settings = report["settings"]
-    title = (
-        f"{settings['model']} at {settings['image_size']} px, batch {settings['batch_size']}, "
-        f"{settings['torch_threads']} torch threads, {settings['num_workers']} workers, "
-        f"cache {'on' if settings['cache_images'] else 'off'}, on {report['machine']['device']}"
-    )
-    table = Table(title=title)
-    for column, justify in (("measurement", "left"), ("images/s (median)", "right"), ("repeats (images/s)", "right")):
-        table.add_column(column, justify=justify)
-    for name, label in LABELS.items():
-        values = report["measurements"][name]
-        repeats = ", ".join(f"{value:.1f}" for value in values["repeats_images_per_second"])
-        table.add_row(label, f"{values['images_per_second']:.1f}", repeats)
-    console.print(table)
-    pairs = ", ".join(f"{ratio:.3f}" for ratio in report["measurements"]["train_loop"]["repeats_ratio_to_model_only"])
-    console.print(f"training loop / model only: {report[RATIO_KEY]:.3f} (median of the repeats {pairs})", highlight=False)
-    machine = report["machine"]
-    console.print(
-        f"load average (1, 5, 15 min) before {machine['load_average_before']}, after {machine['load_average_after']}",
-        highlight=False,
-    )
 
 
 def run_benchmark(args, console: Console) -> dict:
@@ -383,7 +260,9 @@ def run_benchmark(args, console: Console) -> dict:
     bench = prepare(bench)
     rates.update(measure_training(bench, sizes, console))
     rates["evaluate"] = measure_evaluate(bench, sizes)
-    return build_report(args, bench, sizes, rates, load_before)
+    rates["loader_only"] = measure_loader(bench, sizes)
+    settings, data = describe_settings(args, bench, sizes), describe_data(args, bench)
+    return build_report(bench.accelerator.device, settings, data, rates, load_before)
 
 
 def main(argv: list[str] | None = None) -> int:

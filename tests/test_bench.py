@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import statistics
@@ -11,22 +9,13 @@ import subprocess
 import sys
 
 import pytest
+import throughput
+import timed_windows
 
 from conftest import REPO_ROOT, make_image_folder
 
 BENCH_SCRIPT = REPO_ROOT / "bench" / "throughput.py"
-MEASUREMENTS = ("model_only", "train_loop", "evaluate", "lr_range_test")
-
-
-@functools.cache
-def load_bench_module():
-    # bench/ is a folder of scripts, not a package, so the module is loaded from its path.
-    # dataclasses looks the module up in sys.modules while the file executes.
-    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+MEASUREMENTS = ("model_only", "train_loop", "evaluate", "lr_range_test", "loader_only")
 
 
 def run_bench(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
@@ -110,6 +99,7 @@ def test_table_printed(short_run):
     assert "images/s (median)" in stdout
     assert "training loop / model only:" in stdout
     assert "LR range test" in stdout
+    assert "data loader alone" in stdout
 
 
 def test_missing_data_dir_rejected(tmp_path):
@@ -120,24 +110,21 @@ def test_missing_data_dir_rejected(tmp_path):
 
 
 def test_window_rates_skip_warmup():
-    bench = load_bench_module()
-    sizes = bench.Sizes(steps=2, repeats=2, warmup=1)
+    sizes = timed_windows.Sizes(steps=2, repeats=2, warmup=1)
     # Batch end times in seconds, 4 images each: the warm-up batch ends at 10.0, so the
     # first window lasts 10.0 -> 11.0 and the second 11.0 -> 13.0.
     stamps = [(10.0, 4), (10.5, 4), (11.0, 4), (12.0, 4), (13.0, 4)]
-    assert bench.window_rates(stamps, bench.sequential_windows(sizes)) == [8.0, 4.0]
+    assert timed_windows.window_rates(stamps, timed_windows.sequential_windows(sizes)) == [8.0, 4.0]
 
 
 def test_window_rates_reject_short_run():
-    bench = load_bench_module()
-    windows = bench.sequential_windows(bench.Sizes(steps=2, repeats=2, warmup=1))
+    windows = timed_windows.sequential_windows(timed_windows.Sizes(steps=2, repeats=2, warmup=1))
     with pytest.raises(RuntimeError, match="only 4 of the 5 batches"):
-        bench.window_rates([(1.0, 4)] * 4, windows)
+        timed_windows.window_rates([(1.0, 4)] * 4, windows)
 
 
 def test_interleaved_schedule_alternates_order():
-    bench = load_bench_module()
-    sources, windows = bench.interleaved_schedule(bench.Sizes(steps=2, repeats=3, warmup=3), switch_batches=1)
+    sources, windows = timed_windows.interleaved_schedule(timed_windows.Sizes(steps=2, repeats=3, warmup=3), switch_batches=1)
     expected = (
         ["model_only"] * 5 + ["train_loop"] * 5  # first repeat: 3 warm-up batches, then 2 timed
         + ["train_loop"] * 3 + ["model_only"] * 3  # later repeats: 1 switch batch, then 2 timed
@@ -152,20 +139,18 @@ def test_interleaved_schedule_alternates_order():
 
 
 def test_interleaved_schedule_without_workers():
-    bench = load_bench_module()
-    sources, windows = bench.interleaved_schedule(bench.Sizes(steps=2, repeats=2, warmup=1), switch_batches=0)
+    sources, windows = timed_windows.interleaved_schedule(timed_windows.Sizes(steps=2, repeats=2, warmup=1), switch_batches=0)
     assert len(sources) == 2 * 1 + 4 * 2
     assert windows["model_only"] == [range(1, 3), range(8, 10)]
     assert windows["train_loop"] == [range(4, 6), range(6, 8)]
 
 
 def test_short_mode_sizes():
-    bench = load_bench_module()
-    parser = bench.build_parser()
-    short = bench.resolve_sizes(parser.parse_args(["--data-dir", "x", "--short"]))
-    assert (short.steps, short.repeats, short.warmup) == bench.SHORT_SIZES
-    explicit = bench.resolve_sizes(parser.parse_args(["--data-dir", "x", "--short", "--repeats", "5"]))
+    parser = throughput.build_parser()
+    short = throughput.resolve_sizes(parser.parse_args(["--data-dir", "x", "--short"]))
+    assert (short.steps, short.repeats, short.warmup) == throughput.SHORT_SIZES
+    explicit = throughput.resolve_sizes(parser.parse_args(["--data-dir", "x", "--short", "--repeats", "5"]))
     assert explicit.repeats == 5
-    assert explicit.steps == bench.SHORT_SIZES[0]
-    default = bench.resolve_sizes(parser.parse_args(["--data-dir", "x"]))
-    assert (default.steps, default.repeats, default.warmup) == bench.DEFAULT_SIZES
+    assert explicit.steps == throughput.SHORT_SIZES[0]
+    default = throughput.resolve_sizes(parser.parse_args(["--data-dir", "x"]))
+    assert (default.steps, default.repeats, default.warmup) == throughput.DEFAULT_SIZES
