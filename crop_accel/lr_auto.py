@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from crop_accel.console import CountProgress
-from crop_accel.data import build_loader
+from crop_accel.data import build_loader, resolve_num_workers
 from crop_accel.lr_finder import (
     DEFAULT_END_LR,
     DEFAULT_NUM_STEPS,
@@ -61,8 +61,9 @@ def sweep_on_main(accelerator: Accelerator, args, model: torch.nn.Module, train_
     def sweep() -> dict:
         model.to(accelerator.device)
         optimizer = torch.optim.Adam(build_param_groups(model, 1.0, args.lr_divisors))
-        # Workers would compete with the sweep for the same cores for a few dozen batches.
-        loader = build_loader(train_set, args.batch_size, train=True, num_workers=0)
+        # The sweep's steps cost as much as training steps, so it needs the same loader
+        # workers; decoding in this process would leave a GPU waiting.
+        loader = build_loader(train_set, args.batch_size, train=True, num_workers=resolve_num_workers(args.num_workers))
         with CountProgress(console, "LR range test") as progress:
             result = lr_range_test(
                 model, optimizer, loader, F.cross_entropy, accelerator,
