@@ -16,8 +16,9 @@ import timm.data
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from crop_accel.image_cache import DecodedImageCache, cache_min_side
+from crop_accel.image_cache import DecodedImageCache, cache_min_side, check_cache_fits, estimate_cache_bytes
 from crop_accel.images import load_rgb
+from crop_accel.runtime import local_process_count
 from crop_accel.scan import ScanResult
 
 logger = logging.getLogger(__name__)
@@ -167,8 +168,8 @@ def build_transforms(data_config: dict):
 def resolve_num_workers(requested: int | None) -> int:
     """Return ``requested``, else this process's share of the usable CPU cores minus one, at most 8.
 
-    The cores are shared among the training processes of the node (``LOCAL_WORLD_SIZE``,
-    which ``accelerate launch`` sets), and each process keeps one core for its own loop.
+    The cores are shared among the training processes of the node, and each process
+    keeps one core for its own loop.
     """
     if requested is not None:
         return requested
@@ -176,8 +177,7 @@ def resolve_num_workers(requested: int | None) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(0, min(8, cores // local_processes - 1))
+    return max(0, min(8, cores // local_process_count() - 1))
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int) -> DataLoader:
@@ -238,9 +238,17 @@ def build_training_data(scan: ScanResult, data_config: dict, val_fraction: float
 
 
 def attach_image_cache(data: TrainingData, data_config: dict, on_image=None) -> DecodedImageCache:
-    """Decode every train and validation image once into a shared in-memory cache."""
-    cache = DecodedImageCache(data.scan.data_dir, cache_min_side(data_config))
-    cache.fill([path for path, _ in data.train_set.samples + data.val_set.samples], on_image)
+    """Decode every train and validation image once into a shared in-memory cache.
+
+    Raises DataError before decoding anything when the caches of this node's processes
+    would not fit in memory.
+    """
+    min_side = cache_min_side(data_config)
+    paths = [path for path, _ in data.train_set.samples + data.val_set.samples]
+    stored_sizes = [(data.scan.files[path].width, data.scan.files[path].height) for path in paths if path in data.scan.files]
+    check_cache_fits(estimate_cache_bytes(stored_sizes, min_side), local_process_count())
+    cache = DecodedImageCache(data.scan.data_dir, min_side)
+    cache.fill(paths, on_image)
     for dataset in (data.train_set, data.val_set):
         dataset.cache = cache
         dataset.min_side = cache.min_side

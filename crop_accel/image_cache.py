@@ -12,14 +12,20 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
 
-from crop_accel.images import load_rgb
+from crop_accel.images import load_rgb, size_at_min_side
+from crop_accel.memory import available_memory_bytes
+from crop_accel.scan import DataError
 
 logger = logging.getLogger(__name__)
+
+# Share of the available memory that the caches of a node may take. The rest is left for
+# the model, activations, loader workers and the page cache.
+MAX_MEMORY_SHARE = 0.5
 
 
 def cache_min_side(data_config: dict) -> int:
@@ -30,6 +36,36 @@ def cache_min_side(data_config: dict) -> int:
     """
     size = max(data_config["input_size"][1:])
     return max(size, math.ceil(size / data_config.get("crop_pct", 1.0)))
+
+
+def estimate_cache_bytes(stored_sizes: Iterable[tuple[int, int]], min_side: int) -> int:
+    """Return the bytes of uint8 RGB arrays for images of these (width, height) cached at ``min_side``.
+
+    EXIF rotation swaps width and height but keeps the pixel count, so stored sizes suffice.
+    """
+    total = 0
+    for width, height in stored_sizes:
+        cached_width, cached_height = size_at_min_side(width, height, min_side)
+        total += cached_width * cached_height * 3
+    return total
+
+
+def check_cache_fits(bytes_per_process: int, processes: int, available: int | None = None) -> None:
+    """Raise DataError when ``processes`` caches of ``bytes_per_process`` exceed the memory share.
+
+    ``available`` defaults to the memory available now. Where that is unknown, nothing is checked.
+    """
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        return
+    needed = bytes_per_process * processes
+    if needed > MAX_MEMORY_SHARE * available:
+        raise DataError(
+            f"--cache-images needs about {needed / 2**30:.1f} GiB ({processes} process(es) on this node, "
+            f"{bytes_per_process / 2**30:.1f} GiB each), more than {MAX_MEMORY_SHARE:.0%} of the "
+            f"{available / 2**30:.1f} GiB of memory available; train without --cache-images or with a smaller --image-size"
+        )
+    logger.debug("Decoded-image cache estimate: %.1f MiB per process, %.1f GiB available", bytes_per_process / 2**20, available / 2**30)
 
 
 class DecodedImageCache:

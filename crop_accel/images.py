@@ -70,14 +70,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def downscale_to_min_side(image: Image.Image, min_side: int) -> Image.Image:
-    """Resize with bicubic filtering so that the shorter side is ``min_side``; never upscale."""
-    width, height = image.size
+def size_at_min_side(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """Return (width, height) scaled so that the shorter side is ``min_side``; smaller sizes stay as they are."""
     shorter = min(width, height)
     if shorter <= min_side:
-        return image
+        return width, height
     scale = min_side / shorter
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def downscale_to_min_side(image: Image.Image, min_side: int) -> Image.Image:
+    """Resize with bicubic filtering so that the shorter side is ``min_side``; never upscale."""
+    size = size_at_min_side(*image.size, min_side)
+    if size == image.size:
+        return image
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 

@@ -15,6 +15,11 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, br
 logger = logging.getLogger(__name__)
 
 
+def local_process_count() -> int:
+    """Return the number of training processes on this node, from LOCAL_WORLD_SIZE as ``accelerate launch`` sets it."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def build_accelerator(args, log_with: str | None = None) -> Accelerator:
     """Create the Accelerator from the options and accelerate's launch settings.
 

@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder
-from crop_accel.data import ImageFolderDataset, build_transforms
-from crop_accel.image_cache import DecodedImageCache, cache_min_side
+from conftest import make_image_folder, make_photo
+from crop_accel import image_cache
+from crop_accel.data import ImageFolderDataset, attach_image_cache, build_training_data, build_transforms
+from crop_accel.image_cache import DecodedImageCache, cache_min_side, check_cache_fits, estimate_cache_bytes
+from crop_accel.scan import DataError, scan_image_folder
 
 DATA_CONFIG = {
     "input_size": (3, 32, 32),
@@ -83,3 +85,48 @@ def test_cache_decodes_missing_entry(samples):
     assert items[0][0] not in cache
     cache.get(items[0][0])
     assert items[0][0] in cache
+
+
+def test_estimate_matches_filled_cache(tmp_path):
+    sizes = [(300, 200), (97, 301), (40, 30), (1000, 999)]
+    folder = tmp_path / "data" / "wheat"
+    folder.mkdir(parents=True)
+    paths = []
+    for index, size in enumerate(sizes):
+        make_photo(index, size=size).save(folder / f"photo_{index}.jpg")
+        paths.append(f"wheat/photo_{index}.jpg")
+    cache = DecodedImageCache(tmp_path / "data", 64)
+    cache.fill(paths)
+    assert estimate_cache_bytes(sizes, 64) == cache.nbytes
+
+
+def test_estimate_keeps_small_images():
+    assert estimate_cache_bytes([(1000, 500)], 256) == 512 * 256 * 3
+    assert estimate_cache_bytes([(100, 80)], 256) == 100 * 80 * 3
+
+
+def test_cache_fit_accepts_half_of_memory():
+    check_cache_fits(2 * 2**30, processes=2, available=8 * 2**30)
+
+
+def test_cache_fit_rejects_too_large():
+    with pytest.raises(DataError) as raised:
+        check_cache_fits(3 * 2**30, processes=2, available=8 * 2**30)
+    message = str(raised.value)
+    assert "--cache-images needs about 6.0 GiB" in message
+    assert "2 process(es) on this node, 3.0 GiB each" in message
+    assert "8.0 GiB of memory available" in message
+    assert "train without --cache-images or with a smaller --image-size" in message
+
+
+def test_attach_cache_checks_memory_first(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "data", per_class=4, size=80)
+    scan = scan_image_folder(root)
+    data = build_training_data(scan, DATA_CONFIG, val_fraction=0.25, seed=0, group_duplicates=True)
+    # Each process caches 12 images at 37 x 37 pixels; eight of them need all the memory.
+    per_process = 12 * 37 * 37 * 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(image_cache, "available_memory_bytes", lambda: 8 * per_process)
+    with pytest.raises(DataError, match="8 process"):
+        attach_image_cache(data, DATA_CONFIG)
+    assert data.train_set.cache is None
