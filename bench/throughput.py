@@ -28,7 +28,7 @@ from crop_accel.engine import evaluate, train_one_epoch
 from crop_accel.export import atomic_write_json
 from crop_accel.lr_finder import MIN_DESCENT_POINTS, lr_range_test
 from crop_accel.model import ModelError, build_param_groups, create_model
-from crop_accel.options import add_model_arguments, positive_int
+from crop_accel.options import add_channels_last_argument, add_model_arguments, positive_int
 from crop_accel.runtime import build_accelerator, effective_precision
 from crop_accel.scan import DataError, scan_image_folder, validate_for_training
 from crop_accel.train import build_scheduler
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--threads", type=positive_int, default=None,
                        help="torch intra-op threads (default: torch's choice, which OMP_NUM_THREADS sets).")
-    bench.add_argument("--channels-last", action="store_true", help="Use the channels_last memory format, as in train.")
+    add_channels_last_argument(bench)
     bench.add_argument("--steps", type=positive_int, default=None, help="Batches per timed repeat (default: 5; 4 with --short).")
     bench.add_argument("--repeats", type=positive_int, default=None, help="Timed repeats; the median is reported (default: 3, also with --short).")
     bench.add_argument("--warmup", type=positive_int, default=None, help="Untimed batches before the first timed window of each measurement (default: 2; 1 with --short).")
@@ -118,7 +118,7 @@ def set_up(args) -> Bench:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device)
     optimizer = torch.optim.Adam(build_param_groups(model, HEAD_LR, args.lr_divisors))
-    num_workers = data_lib.resolve_num_workers(args.num_workers)
+    num_workers = data_lib.resolve_num_workers(args.num_workers, accelerator.device)
     return Bench(accelerator, model, optimizer, data, data_config, args.batch_size, num_workers, cache_seconds)
 
 

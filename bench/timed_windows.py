@@ -1,4 +1,4 @@
-"""Which batches of a benchmark are timed, and the images/s of each timed window.
+"""Timed windows of a benchmark's batches, and the images/s of each window.
 
 A measurement runs warm-up batches, then ``repeats`` windows of ``steps`` batches. The
 training measurement interleaves windows of random in-memory batches with windows of

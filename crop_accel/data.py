@@ -165,11 +165,14 @@ def build_transforms(data_config: dict):
     return train, evaluation
 
 
-def resolve_num_workers(requested: int | None) -> int:
-    """Return ``requested``, else this process's share of the usable CPU cores minus one, at most 8.
+def resolve_num_workers(requested: int | None, device: torch.device) -> int:
+    """Return ``requested``, else a worker count from this process's share of the usable CPU cores.
 
-    The cores are shared among the training processes of the node, and each process
-    keeps one core for its own loop.
+    The node's training processes share the cores. With a GPU, the workers get all of a
+    process's cores but the one that runs the training loop, up to 8. On the CPU, the
+    model's own threads already use every core, and decoding and augmentation cost only a
+    few percent of a training step. The workers then get one core in eight, so below 8
+    cores the training process loads its batches itself.
     """
     if requested is not None:
         return requested
@@ -177,7 +180,12 @@ def resolve_num_workers(requested: int | None) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(0, min(8, cores // local_process_count() - 1))
+    cores_per_process = cores // local_process_count()
+    if device.type == "cpu":
+        # NOTE: one core in eight rests on measurements on 2 cores only, where loading took
+        # 1-4% of the CPU time of a tf_efficientnet_lite0 training step (docs/benchmarks.md).
+        return min(8, cores_per_process // 8)
+    return max(0, min(8, cores_per_process - 1))
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int) -> DataLoader:

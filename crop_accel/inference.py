@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import timm.data
+import torch
 from rich.console import Console
 
 from crop_accel.analysis import analyze_predictions, print_analysis, write_analysis
@@ -23,7 +24,7 @@ from crop_accel.data import ImageFolderDataset, build_loader, resolve_num_worker
 from crop_accel.engine import evaluate
 from crop_accel.export import atomic_write_json, load_model
 from crop_accel.images import ImageLoadError, load_rgb
-from crop_accel.options import NUM_WORKERS_HELP, non_negative_int, positive_int
+from crop_accel.options import NUM_WORKERS_HELP, add_channels_last_argument, non_negative_int, positive_int
 from crop_accel.runtime import build_accelerator, share_from_main
 from crop_accel.scan import DataError, list_class_files, scan_image_folder
 
@@ -34,6 +35,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", required=True, help="Output dir of a training run (model.safetensors + model.json).")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per process per batch (default: 64).")
     parser.add_argument("--num-workers", type=non_negative_int, default=None, help=NUM_WORKERS_HELP)
+    add_channels_last_argument(parser)
     parser.add_argument(
         "--mixed-precision", choices=("no", "fp16", "bf16"), default=None, help="Mixed precision (default: accelerate's setting)."
     )
@@ -51,6 +53,13 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="Image files or folders (searched recursively).")
     parser.add_argument("--output", required=True, help="CSV file to write, one row per image.")
     parser.add_argument("--top-k", type=positive_int, default=3, help="Classes listed per image, most probable first (default: 3).")
+
+
+def in_memory_format(model: torch.nn.Module, args) -> torch.nn.Module:
+    """Return the model in channels_last unless --no-channels-last."""
+    if args.channels_last:
+        return model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _eval_transform(data_config: dict):
@@ -72,8 +81,8 @@ def run_evaluate(args, console: Console) -> int:
         )
 
     dataset = ImageFolderDataset(scan.data_dir, scan.samples, _eval_transform(bundle.data_config))
-    workers = resolve_num_workers(args.num_workers)
-    model, loader = accelerator.prepare(bundle.model, build_loader(dataset, args.batch_size, False, workers))
+    workers = resolve_num_workers(args.num_workers, accelerator.device)
+    model, loader = accelerator.prepare(in_memory_format(bundle.model, args), build_loader(dataset, args.batch_size, False, workers))
     output = evaluate(accelerator, model, loader)
 
     if accelerator.is_main_process:
@@ -127,8 +136,8 @@ def run_predict(args, console: Console) -> int:
     # Labels are unused; 0 keeps the batch layout of the training dataset.
     samples = [(os.path.abspath(path), 0) for path in images]
     dataset = ImageFolderDataset("/", samples, _eval_transform(bundle.data_config))
-    workers = resolve_num_workers(args.num_workers)
-    model, loader = accelerator.prepare(bundle.model, build_loader(dataset, args.batch_size, False, workers))
+    workers = resolve_num_workers(args.num_workers, accelerator.device)
+    model, loader = accelerator.prepare(in_memory_format(bundle.model, args), build_loader(dataset, args.batch_size, False, workers))
     output = evaluate(accelerator, model, loader)
 
     if accelerator.is_main_process:

@@ -63,7 +63,8 @@ def sweep_on_main(accelerator: Accelerator, args, model: torch.nn.Module, train_
         optimizer = torch.optim.Adam(build_param_groups(model, 1.0, args.lr_divisors))
         # The sweep's steps cost as much as training steps, so it needs the same loader
         # workers; decoding in this process would leave a GPU waiting.
-        loader = build_loader(train_set, args.batch_size, train=True, num_workers=resolve_num_workers(args.num_workers))
+        workers = resolve_num_workers(args.num_workers, accelerator.device)
+        loader = build_loader(train_set, args.batch_size, train=True, num_workers=workers)
         with CountProgress(console, "LR range test") as progress:
             result = lr_range_test(
                 model, optimizer, loader, F.cross_entropy, accelerator,

@@ -34,8 +34,8 @@ def parse_divisors(text: str) -> tuple[float, ...]:
 
 
 NUM_WORKERS_HELP = (
-    "Data loader worker processes per training process; 0 loads in the training process "
-    "(default: the usable CPU cores divided among the node's training processes, minus 1, at most 8)."
+    "Data loader worker processes per training process; 0 loads in the training process (default: with a GPU, "
+    "this process's share of the usable CPU cores minus one; on the CPU, one in eight of them; at most 8)."
 )
 
 
@@ -126,10 +126,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_channels_last_argument(parser) -> None:
+    """Add --channels-last / --no-channels-last to a parser or argument group."""
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Store the model in the channels_last (NHWC) memory format, in which convolutions usually run faster "
+        "on CPUs and on GPUs with tensor cores (default: on).",
+    )
+
+
 def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``lr-find``: data, model and the sweep."""
     add_model_arguments(parser)
-    parser.add_argument("--channels-last", action="store_true", help="Use channels_last memory format.")
+    add_channels_last_argument(parser)
     parser.add_argument("--sync-bn", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="Log debug messages.")
     add_lr_finder_arguments(parser)
@@ -193,9 +204,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Convert BatchNorm to SyncBatchNorm for multi-GPU runs; worth it when the per-GPU batch is small (< 16).",
     )
-    runtime.add_argument(
-        "--channels-last", action="store_true", help="Use channels_last memory format (faster convolutions on recent GPUs)."
-    )
+    add_channels_last_argument(runtime)
     runtime.add_argument("--compile", action="store_true", help="Compile the model with torch.compile (default: off).")
     runtime.add_argument(
         "--dist-timeout",

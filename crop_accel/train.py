@@ -155,7 +155,7 @@ def build_run(args, console: Console) -> Run:
     model = prepare_model(model, args, accelerator)
     head_lr, lr_finder = resolve_head_lr(args, accelerator, model, data, output_dir, console)
     optimizer = torch.optim.Adam(build_param_groups(model, head_lr, args.lr_divisors))
-    num_workers = data_lib.resolve_num_workers(args.num_workers)
+    num_workers = data_lib.resolve_num_workers(args.num_workers, accelerator.device)
     train_loader = data_lib.build_loader(data.train_set, args.batch_size, True, num_workers)
     val_loader = data_lib.build_loader(data.val_set, args.batch_size, False, num_workers)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -178,7 +178,9 @@ def build_run(args, console: Console) -> Run:
         logger.info("Resumed from %s at epoch %d, batch %d", path, state.epoch, state.batches_done)
 
     run_config = build_run_config(args, accelerator, precision, data_config, optimizer, data)
-    run_config.update(lr=head_lr, lr_requested=args.lr, lr_finder=lr_finder)
+    run_config.update(
+        lr=head_lr, lr_requested=args.lr, lr_finder=lr_finder, num_workers=num_workers, num_workers_requested=args.num_workers
+    )
     tracking = RunTracking.start(accelerator, args, run_config, output_dir, resume=bool(args.resume))
     if lr_finder is not None:
         tracking.log_lr_finder(lr_finder["csv"], lr_finder["png"], step=0)

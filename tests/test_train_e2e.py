@@ -61,6 +61,9 @@ def test_config_json_records_resolved_settings(trained_run):
     assert [group["divisor"] for group in config["param_groups"]] == [10, 8, 6, 4, 2, 1]
     assert config["param_groups"][-1]["lr"] == pytest.approx(3e-3)
     assert config["classes"] == ["blue_sky", "green_leaf", "red_soil"]
+    assert config["channels_last"] is True
+    assert config["num_workers"] == 0
+    assert config["num_workers_requested"] == 0
 
 
 def test_split_csv_lists_every_image(trained_run):
