@@ -25,40 +25,32 @@ def test_meminfo_missing(tmp_path):
     assert meminfo_available_bytes(write(tmp_path / "meminfo", "MemTotal: 10 kB\n")) is None
 
 
-def test_cgroup_v2_limit(tmp_path):
-    proc = write(tmp_path / "cgroup", "0::/slurm/job_7\n")
-    write(tmp_path / "sys/slurm/job_7/memory.max", f"{8 * GIB}\n")
-    write(tmp_path / "sys/slurm/job_7/memory.current", f"{3 * GIB}\n")
-    assert cgroup_available_bytes(proc, tmp_path / "sys") == 5 * GIB
-
-
-def test_cgroup_v2_without_limit(tmp_path):
-    proc = write(tmp_path / "cgroup", "0::/user.slice\n")
-    write(tmp_path / "sys/user.slice/memory.max", "max\n")
-    write(tmp_path / "sys/user.slice/memory.current", "100\n")
-    assert cgroup_available_bytes(proc, tmp_path / "sys") is None
-
-
-def test_cgroup_v1_limit(tmp_path):
-    proc = write(tmp_path / "cgroup", "5:cpu,cpuacct:/job\n4:memory:/job\n0::/\n")
-    write(tmp_path / "sys/memory/job/memory.limit_in_bytes", f"{4 * GIB}\n")
-    write(tmp_path / "sys/memory/job/memory.usage_in_bytes", f"{GIB}\n")
-    assert cgroup_available_bytes(proc, tmp_path / "sys") == 3 * GIB
-
-
-def test_cgroup_v1_unlimited(tmp_path):
-    proc = write(tmp_path / "cgroup", "4:memory:/\n")
-    write(tmp_path / "sys/memory/memory.limit_in_bytes", "9223372036854771712\n")
-    write(tmp_path / "sys/memory/memory.usage_in_bytes", "4096\n")
-    assert cgroup_available_bytes(proc, tmp_path / "sys") is None
-
-
-def test_cgroup_in_container_uses_mount_root(tmp_path):
+CGROUP_CASES = {
+    "v2 limit": ("0::/slurm/job_7\n", {"slurm/job_7/memory.max": 8 * GIB, "slurm/job_7/memory.current": 3 * GIB}, 5 * GIB),
+    "v2 without limit": ("0::/user.slice\n", {"user.slice/memory.max": "max", "user.slice/memory.current": 100}, None),
+    "v1 limit": (
+        "5:cpu,cpuacct:/job\n4:memory:/job\n0::/\n",
+        {"memory/job/memory.limit_in_bytes": 4 * GIB, "memory/job/memory.usage_in_bytes": GIB},
+        3 * GIB,
+    ),
+    "v1 unlimited": (
+        "4:memory:/\n",
+        {"memory/memory.limit_in_bytes": 9223372036854771712, "memory/memory.usage_in_bytes": 4096},
+        None,
+    ),
     # Inside a container the host's cgroup path is listed but only the mount root exists.
-    proc = write(tmp_path / "cgroup", "0::/kubepods/pod1/container\n")
-    write(tmp_path / "sys/memory.max", f"{2 * GIB}\n")
-    write(tmp_path / "sys/memory.current", f"{GIB // 2}\n")
-    assert cgroup_available_bytes(proc, tmp_path / "sys") == GIB + GIB // 2
+    "container mount root": (
+        "0::/kubepods/pod1/container\n", {"memory.max": 2 * GIB, "memory.current": GIB // 2}, GIB + GIB // 2
+    ),
+}
+
+
+@pytest.mark.parametrize(("proc_text", "files", "expected"), CGROUP_CASES.values(), ids=CGROUP_CASES.keys())
+def test_cgroup_available(tmp_path, proc_text, files, expected):
+    proc = write(tmp_path / "cgroup", proc_text)
+    for relative, value in files.items():
+        write(tmp_path / "sys" / relative, f"{value}\n")
+    assert cgroup_available_bytes(proc, tmp_path / "sys") == expected
 
 
 @pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="needs Linux /proc/meminfo")
