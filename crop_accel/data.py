@@ -183,7 +183,7 @@ def resolve_num_workers(requested: int | None, device: torch.device) -> int:
     cores_per_process = cores // local_process_count()
     if device.type == "cpu":
         # NOTE: one core in eight rests on measurements on 2 cores only, where loading took
-        # 1-4% of the CPU time of a tf_efficientnet_lite0 training step (docs/benchmarks.md).
+        # 1.5-5% of the CPU time of a tf_efficientnet_lite0 training step (docs/benchmarks.md).
         return min(8, cores_per_process // 8)
     return max(0, min(8, cores_per_process - 1))
 
