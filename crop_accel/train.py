@@ -192,8 +192,9 @@ def build_run(args, console: Console) -> Run:
         atomic_write_json(output_dir / "config.json", run_config)
         data_lib.write_split_csv(output_dir / "split.csv", data.scan.samples, data.scan.classes, data.split)
         logger.info(
-            "Training %s on %d process(es), mixed precision %s, global batch %d, %d train / %d val images, output in %s",
-            args.model, accelerator.num_processes, precision, run_config["global_batch_size"],
+            "Training %s on %d process(es) with %d loader worker(s) each, mixed precision %s, global batch %d, "
+            "%d train / %d val images, output in %s",
+            args.model, accelerator.num_processes, num_workers, precision, run_config["global_batch_size"],
             len(data.train_set), len(data.val_set), output_dir,
         )
 

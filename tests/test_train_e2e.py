@@ -139,7 +139,7 @@ def test_two_process_ddp_counts_each_val_image_once(tmp_path):
     assert config["val_images"] == 9
     assert metrics["epochs"][0]["val_images"] == 9
     # Only the main process logs and prints the summary.
-    assert result.stdout.count("Training resnet18 on 2 process(es)") == 1
+    assert result.stdout.count("Training resnet18 on 2 process(es) with 0 loader worker(s) each") == 1
     assert result.stdout.count("Training summary") == 1
 
 
