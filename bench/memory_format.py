@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rates = measure(args)
     except ModelError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        # soft_wrap keeps the message on one line, so that grep finds it in job logs.
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
 
     report = build_report(args, rates)

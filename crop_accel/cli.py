@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None, default_command: str | None = None) -> i
     try:
         return args.handler(args, console)
     except (DataError, ModelError, CheckpointError, ValueError) as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        # soft_wrap keeps the message on one line, so that grep finds it in job logs.
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")

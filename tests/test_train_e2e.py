@@ -111,6 +111,16 @@ def test_missing_data_dir_is_clear_error(tmp_path):
     assert "nope not found" in result.stdout
 
 
+def test_long_error_stays_on_one_line(tmp_path):
+    # Job logs are not terminals: a message wider than the console must not be wrapped.
+    missing = tmp_path / ("very_long_folder_name_" * 8) / "nope"
+    result = run_script(["--data-dir", str(missing), "--output-dir", str(tmp_path / "out"), "--no-pretrained"])
+    assert result.returncode == 2
+    error_lines = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    assert f"{missing} not found" in error_lines[0]
+
+
 def test_class_with_one_image_is_clear_error(tmp_path):
     data_dir = make_image_folder(tmp_path / "data", num_classes=2, per_class=4)
     lonely = data_dir / "lonely"
