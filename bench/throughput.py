@@ -1,6 +1,6 @@
-"""Measure training throughput in images/s: model alone, training loop, evaluation, LR range test.
+"""Measure throughput in images/s: model alone, training loop, evaluation, LR range test, loader alone.
 
-The four measurements share one model, one optimizer with train's discriminative param
+The measurements share one model, one optimizer with train's discriminative param
 groups, one Accelerator, and the same batch size, image size and torch thread count.
 The ratio of the training loop to the model alone is therefore the share of the model's
 speed that the data pipeline (decoding, augmentation, data loader) leaves. Run it as
@@ -179,6 +179,10 @@ def measure_training(bench: Bench, sizes: Sizes, console: Console) -> dict[str, 
     """
     # DataLoader prefetches prefetch_factor (default 2) batches per worker.
     sources, windows = interleaved_schedule(sizes, switch_batches=2 * bench.num_workers)
+    logger.info(
+        "Timing %d batches, random and real in alternating windows; the loss and accuracy shown mix both and mean nothing",
+        len(sources),
+    )
     stamps: list[tuple[float, int]] = []
     with TrainingProgress(console, epochs=1, steps_per_epoch=len(sources)) as progress:
 
@@ -272,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_benchmark(args, console)
     except (DataError, ModelError, ValueError) as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        # soft_wrap keeps the message on one line, so that grep finds it in job logs.
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
 
     print_report(console, report)

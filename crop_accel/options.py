@@ -34,8 +34,8 @@ def parse_divisors(text: str) -> tuple[float, ...]:
 
 
 NUM_WORKERS_HELP = (
-    "Data loader worker processes per training process; 0 loads in the training process (default: with a GPU, "
-    "this process's share of the usable CPU cores minus one; on the CPU, one in eight of them; at most 8)."
+    "Data loader worker processes per process; 0 loads in the process itself (default: with a GPU, this process's "
+    "share of the usable CPU cores minus one, at most 8; on the CPU, one per 8 of those cores, so 0 below 8 cores)."
 )
 
 
