@@ -13,6 +13,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from crop_accel.runtime import usable_cpu_cores
+
 LABELS = {
     "model_only": "model only (random tensors in memory)",
     "train_loop": "training loop (real images, train_one_epoch)",
@@ -45,13 +47,9 @@ def read_load_average() -> list[float] | None:
 
 def machine_info(device: torch.device) -> dict:
     """Return the CPU, core counts, torch threads and library versions that the figures depend on."""
-    try:
-        usable_cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable_cores = os.cpu_count()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
-        "cpu_model": read_cpu_model(), "cpu_cores": os.cpu_count(), "usable_cores": usable_cores,
+        "cpu_model": read_cpu_model(), "cpu_cores": os.cpu_count(), "usable_cores": usable_cpu_cores(),
         "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
         "accelerate_version": accelerate.__version__, "timm_version": timm.__version__,
         "python_version": platform.python_version(), "device": str(device), "gpu": gpu,

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench_report import machine_info
+from crop_accel.console import print_error
 from crop_accel.export import atomic_write_json
 from crop_accel.model import ModelError, create_model
 from crop_accel.options import positive_int
@@ -114,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rates = measure(args)
     except ModelError as error:
-        # soft_wrap keeps the message on one line, so that grep finds it in job logs.
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        print_error(console, error)
         return 2
 
     report = build_report(args, rates)

@@ -23,11 +23,11 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 from crop_accel import data as data_lib
-from crop_accel.console import TrainingProgress, setup_logging
+from crop_accel.console import TrainingProgress, print_error, setup_logging
 from crop_accel.engine import evaluate, train_one_epoch
 from crop_accel.export import atomic_write_json
 from crop_accel.lr_finder import MIN_DESCENT_POINTS, lr_range_test
-from crop_accel.model import ModelError, build_param_groups, create_model
+from crop_accel.model import ModelError, build_param_groups, create_model, to_memory_format
 from crop_accel.options import add_channels_last_argument, add_model_arguments, positive_int
 from crop_accel.runtime import build_accelerator, effective_precision
 from crop_accel.scan import DataError, scan_image_folder, validate_for_training
@@ -114,9 +114,7 @@ def set_up(args) -> Bench:
         data_lib.attach_image_cache(data, data_config)
         cache_seconds = time.perf_counter() - started
 
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(accelerator.device)
+    model = to_memory_format(model, args.channels_last).to(accelerator.device)
     optimizer = torch.optim.Adam(build_param_groups(model, HEAD_LR, args.lr_divisors))
     num_workers = data_lib.resolve_num_workers(args.num_workers, accelerator.device)
     return Bench(accelerator, model, optimizer, data, data_config, args.batch_size, num_workers, cache_seconds)
@@ -276,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_benchmark(args, console)
     except (DataError, ModelError, ValueError) as error:
-        # soft_wrap keeps the message on one line, so that grep finds it in job logs.
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        print_error(console, error)
         return 2
 
     print_report(console, report)

@@ -12,7 +12,7 @@ import sys
 from rich.console import Console
 
 from crop_accel.checkpoints import CheckpointError
-from crop_accel.console import setup_logging
+from crop_accel.console import print_error, setup_logging
 from crop_accel.datacheck import add_check_data_arguments, run_check_data
 from crop_accel.inference import (
     add_evaluate_arguments,
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None, default_command: str | None = None) -> i
     try:
         return args.handler(args, console)
     except (DataError, ModelError, CheckpointError, ValueError) as error:
-        # soft_wrap keeps the message on one line, so that grep finds it in job logs.
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        print_error(console, error)
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")

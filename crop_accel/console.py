@@ -42,6 +42,11 @@ def setup_logging(console: Console, is_main_process: bool, verbose: bool = False
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def print_error(console: Console, error: Exception) -> None:
+    """Print ``error`` as one ``error:`` line, unwrapped by rich, so that grep finds it in job logs."""
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+
+
 class TrainingProgress:
     """Epoch and batch progress with running loss, accuracy, images/s and ETA."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import logging
 import multiprocessing
-import os
 import random
 import signal
 from collections import defaultdict
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crop_accel.image_cache import DecodedImageCache, cache_min_side, check_cache_fits, estimate_cache_bytes
 from crop_accel.images import load_rgb
-from crop_accel.runtime import local_process_count
+from crop_accel.runtime import local_process_count, usable_cpu_cores
 from crop_accel.scan import ScanResult
 
 logger = logging.getLogger(__name__)
@@ -176,11 +175,7 @@ def resolve_num_workers(requested: int | None, device: torch.device) -> int:
     """
     if requested is not None:
         return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    cores_per_process = cores // local_process_count()
+    cores_per_process = usable_cpu_cores() // local_process_count()
     if device.type == "cpu":
         # NOTE: one core in eight rests on measurements on 2 cores only, where loading took
         # 1.5-5% of the CPU time of a tf_efficientnet_lite0 training step (docs/benchmarks.md).

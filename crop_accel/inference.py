@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import timm.data
-import torch
 from rich.console import Console
 
 from crop_accel.analysis import analyze_predictions, print_analysis, write_analysis
@@ -23,6 +22,7 @@ from crop_accel.console import setup_logging
 from crop_accel.data import ImageFolderDataset, build_loader, resolve_num_workers
 from crop_accel.engine import evaluate
 from crop_accel.export import atomic_write_json, load_model
+from crop_accel.model import to_memory_format
 from crop_accel.images import ImageLoadError, load_rgb
 from crop_accel.options import NUM_WORKERS_HELP, add_channels_last_argument, non_negative_int, positive_int
 from crop_accel.runtime import build_accelerator, share_from_main
@@ -55,13 +55,6 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=positive_int, default=3, help="Classes listed per image, most probable first (default: 3).")
 
 
-def in_memory_format(model: torch.nn.Module, args) -> torch.nn.Module:
-    """Return the model in channels_last unless --no-channels-last."""
-    if args.channels_last:
-        return model.to(memory_format=torch.channels_last)
-    return model
-
-
 def _eval_transform(data_config: dict):
     return timm.data.create_transform(**data_config, is_training=False)
 
@@ -82,7 +75,7 @@ def run_evaluate(args, console: Console) -> int:
 
     dataset = ImageFolderDataset(scan.data_dir, scan.samples, _eval_transform(bundle.data_config))
     workers = resolve_num_workers(args.num_workers, accelerator.device)
-    model, loader = accelerator.prepare(in_memory_format(bundle.model, args), build_loader(dataset, args.batch_size, False, workers))
+    model, loader = accelerator.prepare(to_memory_format(bundle.model, args.channels_last), build_loader(dataset, args.batch_size, False, workers))
     output = evaluate(accelerator, model, loader)
 
     if accelerator.is_main_process:
@@ -137,7 +130,7 @@ def run_predict(args, console: Console) -> int:
     samples = [(os.path.abspath(path), 0) for path in images]
     dataset = ImageFolderDataset("/", samples, _eval_transform(bundle.data_config))
     workers = resolve_num_workers(args.num_workers, accelerator.device)
-    model, loader = accelerator.prepare(in_memory_format(bundle.model, args), build_loader(dataset, args.batch_size, False, workers))
+    model, loader = accelerator.prepare(to_memory_format(bundle.model, args.channels_last), build_loader(dataset, args.batch_size, False, workers))
     output = evaluate(accelerator, model, loader)
 
     if accelerator.is_main_process:

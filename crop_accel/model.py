@@ -21,6 +21,13 @@ class ModelError(ValueError):
     """A model name or weights file that cannot be used, with the reason and the fix."""
 
 
+def to_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """Return the model in the channels_last memory format when ``channels_last``, else unchanged."""
+    if channels_last:
+        return model.to(memory_format=torch.channels_last)
+    return model
+
+
 def create_model(
     name: str,
     num_classes: int,

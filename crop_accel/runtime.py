@@ -15,6 +15,14 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, br
 logger = logging.getLogger(__name__)
 
 
+def usable_cpu_cores() -> int:
+    """Return the number of CPU cores in this process's affinity mask, or all cores where the OS has no mask."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def local_process_count() -> int:
     """Return the number of training processes on this node, from LOCAL_WORLD_SIZE as ``accelerate launch`` sets it."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

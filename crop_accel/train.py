@@ -32,7 +32,7 @@ from crop_accel.datacheck import print_scan_summary
 from crop_accel.engine import evaluate, train_one_epoch
 from crop_accel.export import atomic_write_json
 from crop_accel.lr_auto import previous_head_lr, sweep_on_main
-from crop_accel.model import build_param_groups, check_model_options, create_model
+from crop_accel.model import build_param_groups, check_model_options, create_model, to_memory_format
 from crop_accel.records import History, build_run_config
 from crop_accel.reporting import Reporter, epoch_row
 from crop_accel.runtime import (
@@ -83,9 +83,7 @@ def prepare_model(model: torch.nn.Module, args, accelerator: Accelerator) -> tor
         logger.warning("--sync-bn is ignored: SyncBatchNorm works only on GPUs, and this run uses the CPU")
     elif args.sync_bn and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return to_memory_format(model, args.channels_last)
 
 
 def default_output_dir(args) -> str | None:
